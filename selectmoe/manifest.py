@@ -1,0 +1,188 @@
+"""Stage manifests: what a stage read, with which config and versions, and what it produced.
+
+Every stage writes ``_manifest.json`` into its output directory. A rerun compares the config hash and
+the input fingerprints with the recorded ones and skips the stage when they match, which is what makes
+``selectmoe run`` resumable and reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "_manifest.json"
+_TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow", "numpy")
+# Files at most this large are hashed whole; larger ones by size + head + tail so fingerprinting a
+# multi-GB pool stays O(1) per file while still catching truncation and rewrites.
+_FULL_HASH_LIMIT = 64 * 1024 * 1024
+_PARTIAL_CHUNK = 4 * 1024 * 1024
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    try:  # OmegaConf containers
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """A stable sha256 of a config (dataclass, mapping, OmegaConf) via canonical JSON."""
+    canonical = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _hash_file(path: Path, size: int) -> tuple[str, str]:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+            return digest.hexdigest(), "sha256"
+        digest.update(fh.read(_PARTIAL_CHUNK))
+        fh.seek(size - _PARTIAL_CHUNK)
+        digest.update(fh.read(_PARTIAL_CHUNK))
+        digest.update(str(size).encode())
+        return digest.hexdigest(), "sha256-head-tail"
+
+
+def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Fingerprint a file or a directory (every file below it, sorted) by content hash.
+
+    URIs (``s3://`` etc.) are fingerprinted by pyarrow file info (size + mtime), since reading them
+    whole to hash would cost a full download.
+    """
+    spath = str(path)
+    if "://" in spath and not spath.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(spath)
+        info = fs.get_file_info(inner)
+        return {"path": spath, "size": info.size, "mtime": str(info.mtime), "method": "uri-info"}
+    local = Path(spath.removeprefix("file://"))
+    if not local.exists():
+        raise FileNotFoundError(f"cannot fingerprint {spath}: no such file or directory")
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+        digest = hashlib.sha256()
+        total = 0
+        for f in files:
+            sub = fingerprint(f)
+            total += sub["size"]
+            digest.update(f"{f.relative_to(local)}:{sub['sha256']}".encode())
+        return {"path": spath, "size": total, "files": len(files), "sha256": digest.hexdigest()}
+    size = local.stat().st_size
+    sha, method = _hash_file(local, size)
+    return {"path": spath, "size": size, "sha256": sha, "method": method}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def write_manifest(
+    directory: str | os.PathLike,
+    *,
+    stage: str,
+    config: Any,
+    inputs: Iterable[str | os.PathLike] | Mapping[str, Any] = (),
+    counts: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    wall_s: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``_manifest.json`` atomically (tmp + rename) so a killed stage never leaves a half file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "stage": stage,
+        "complete": True,
+        "config": _jsonable(config),
+        "config_hash": config_hash(config),
+        "inputs": _input_fingerprints(inputs),
+        "counts": _jsonable(dict(counts or {})),
+        "seed": seed,
+        "wall_s": None if wall_s is None else round(float(wall_s), 3),
+        "versions": package_versions(),
+        "host": socket.gethostname(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        manifest["extra"] = _jsonable(dict(extra))
+    tmp = directory / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(directory / MANIFEST_NAME)
+    return manifest
+
+
+def _input_fingerprints(inputs: Iterable[str | os.PathLike] | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(inputs, Mapping):
+        return {str(k): v if isinstance(v, dict) else fingerprint(v) for k, v in inputs.items()}
+    return {str(p): fingerprint(p) for p in inputs}
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def manifest_matches(
+    directory: str | os.PathLike,
+    *,
+    config: Any,
+    inputs: Iterable[str | os.PathLike] | Mapping[str, Any] = (),
+) -> bool:
+    """True when the stage in ``directory`` completed with this config on these exact inputs."""
+    manifest = read_manifest(directory)
+    if not manifest or not manifest.get("complete"):
+        return False
+    if manifest.get("config_hash") != config_hash(config):
+        return False
+    try:
+        current = _input_fingerprints(inputs)
+    except FileNotFoundError:
+        return False
+    recorded = manifest.get("inputs", {})
+    return {k: _strip(v) for k, v in current.items()} == {k: _strip(v) for k, v in recorded.items()}
+
+
+def _strip(fp: Any) -> Any:
+    # Only content matters, not where the path string came from.
+    return {k: v for k, v in fp.items() if k != "path"} if isinstance(fp, dict) else fp
