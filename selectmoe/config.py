@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 PRESET_DIR = Path(__file__).parent / "configs"
 STAGES = ("ingest", "convert", "warmup", "score", "select", "finetune", "evaluate", "report")
@@ -66,7 +66,9 @@ class QualityLossConfig:
 
     type: str = "sigmoid"  # sigmoid | mse | beta_moment_matching | mean_variance_regularization | custom
     weight: float = 1.0  # w_q; the effective coefficient is router_aux_loss_coef * w_q (0.01 on OLMoE)
-    params: dict[str, float] = field(default_factory=dict)  # target_mean, target_var, w_mean, w_var, lambda_var
+    params: dict[str, float] = field(
+        default_factory=dict
+    )  # target_mean, target_var, w_mean, w_var, lambda_var
     sample_wise_averaging: bool = True  # average per sample then over samples (else over all tokens)
     enable_load_balancing: bool = False
     token_scope: str = "all"  # all non-pad tokens | trained (label != -100); scoring uses the same
@@ -266,14 +268,29 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     Unknown keys are errors (a typo must not silently run with defaults).
     """
     merged = OmegaConf.structured(PipelineConfig)
+    mandatory: set[str] = set()
     if source is not None:
-        merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(source)))
+        preset = OmegaConf.load(preset_path(source))
+        mandatory = _mandatory_keys(OmegaConf.to_container(preset, resolve=False))  # `???`: user sets it
+        merged = OmegaConf.merge(merged, preset)
     if overrides:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        mandatory -= {k for k in mandatory if OmegaConf.select(dotlist, k) is not None}
+        merged = OmegaConf.merge(merged, dotlist)
+    if mandatory:
+        raise ValueError(
+            f"config {source}: mandatory value(s) not set: {', '.join(sorted(mandatory))} (give key=value)"
+        )
     OmegaConf.resolve(merged)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _validate(cfg)
     return cfg
+
+
+def _mandatory_keys(node: Any, prefix: str = "") -> set[str]:
+    if isinstance(node, dict):
+        return {k for key, v in node.items() for k in _mandatory_keys(v, f"{prefix}{key}.")}
+    return {prefix.rstrip(".")} if node == "???" else set()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -297,7 +314,9 @@ def _validate(cfg: PipelineConfig) -> None:
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
     if not 0 < cfg.select.selection_percentage <= 1:
-        raise ValueError(f"select.selection_percentage must be in (0, 1], got {cfg.select.selection_percentage}")
+        raise ValueError(
+            f"select.selection_percentage must be in (0, 1], got {cfg.select.selection_percentage}"
+        )
     lo, hi = cfg.select.k_range
     if not 2 <= lo <= hi:
         raise ValueError(f"select.k_range must satisfy 2 <= min <= max, got {cfg.select.k_range}")

@@ -54,7 +54,9 @@ def cluster_gpus() -> float:
 def cluster_cpus() -> float:
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else float(os.cpu_count() or 1)
+    return (
+        float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else float(os.cpu_count() or 1)
+    )
 
 
 def resolve_use_gpu(flag: bool | None) -> bool:

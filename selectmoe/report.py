@@ -1,0 +1,293 @@
+"""Run reports: one self-contained ``report.html`` (PNGs embedded) + ``report.md`` per run.
+
+``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
+expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
+AUC, the evaluation table and, for the demo, how many known-bad samples each selection kept.
+Every section is optional: a run that stopped early still gets a report of what exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selectmoe.config import PipelineConfig
+from selectmoe.manifest import read_manifest
+
+
+@dataclass
+class Report:
+    title: str
+    sections: list[tuple[str, str, str]] = field(default_factory=list)  # (heading, markdown, html)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def text(self, heading: str, body_md: str) -> None:
+        self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
+
+    def table(self, heading: str, header: list[str], rows: list[list[Any]]) -> None:
+        md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+        md += "".join("| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+        self.sections.append((heading, md, f"<table><tr>{th}</tr>{trs}</table>"))
+
+    def figure(self, heading: str, name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        png = buf.getvalue()
+        self.figures[name] = png
+        b64 = base64.b64encode(png).decode()
+        self.sections.append(
+            (heading, f"![{name}]({name})", f'<img alt="{name}" src="data:image/png;base64,{b64}">')
+        )
+
+    def write(self, out_dir: Path) -> dict[str, str]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, png in self.figures.items():
+            (out_dir / name).write_bytes(png)
+        md = f"# {self.title}\n\n" + "".join(f"## {h}\n\n{m}\n\n" for h, m, _ in self.sections)
+        body = "".join(f"<h2>{html.escape(h)}</h2>{x}" for h, _, x in self.sections)
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "img{max-width:100%}</style></head>"
+            f"<body><h1>{html.escape(self.title)}</h1>{body}</body></html>"
+        )
+        (out_dir / "report.md").write_text(md)
+        (out_dir / "report.html").write_text(page)
+        return {"html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --- router-data analysis -----------------------------------------------------------------------
+
+
+def add_router_sections(report: Report, router_dir: Path) -> None:
+    from selectmoe.router_data import load_router_data
+
+    data = load_router_data(router_dir)
+    plt = _plt()
+    datasets = sorted(set(data.datasets))
+    ds_index = np.array([datasets.index(d) for d in data.datasets])
+    report.table(
+        "Router data",
+        ["samples", "datasets", "layers", "experts", "truncated", "mean quality", "mean tokens"],
+        [
+            [
+                len(data),
+                len(datasets),
+                data.num_layers,
+                data.num_experts,
+                int(data.truncated.sum()),
+                float(data.quality.mean()),
+                float(data.n_tokens.mean()),
+            ]
+        ],
+    )
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(data.quality, bins=50, color="#4477aa")
+    ax.set_xlabel("quality (mean gate g)")
+    ax.set_ylabel("samples")
+    report.figure("Quality distribution", "quality_hist.png", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.boxplot([data.quality[ds_index == i] for i in range(len(datasets))], showfliers=False)
+    ax.set_xticks(range(1, len(datasets) + 1), datasets, rotation=30, ha="right")
+    ax.set_ylabel("quality")
+    report.figure("Quality per dataset", "quality_per_dataset.png", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    layer_means = data.quality_layers.mean(axis=0)
+    ax.bar(range(data.num_layers), layer_means, color="#228833")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean gate g")
+    report.figure("Mean gate value per layer", "gate_per_layer.png", fig)
+
+    usage = np.zeros((len(datasets), data.num_experts))
+    for i in range(len(datasets)):
+        rows = np.asarray(data.routing[ds_index == i], dtype=np.float32)
+        usage[i] = rows.reshape(len(rows), data.num_layers, data.num_experts).mean(axis=(0, 1))
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(datasets)))
+    im = ax.imshow(usage, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(datasets)), datasets)
+    ax.set_xlabel("expert (mean routing probability over layers)")
+    fig.colorbar(im, ax=ax)
+    report.figure("Expert usage per dataset", "expert_usage.png", fig)
+
+
+def build_router_report(router_dir: Path, out_dir: Path) -> dict[str, str]:
+    report = Report(f"selectmoe router data: {router_dir}")
+    add_router_sections(report, Path(router_dir))
+    return report.write(Path(out_dir))
+
+
+# --- full run ------------------------------------------------------------------------------------
+
+
+def build_run_report(cfg: PipelineConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.output_dir) / "report"
+    report = Report(f"selectmoe run: {cfg.output_dir}")
+    _timings(report, cfg)
+    _counts(report, cfg)
+    _probe(report, cfg)
+    if (Path(cfg.score.output_dir) / "shards").is_dir():
+        add_router_sections(report, Path(cfg.score.output_dir))
+    _selection(report, cfg)
+    _bad_kept(report, cfg)
+    _evaluation(report, cfg)
+    paths = report.write(out_dir)
+    return {**paths, "sections": len(report.sections)}
+
+
+def _timings(report: Report, cfg: PipelineConfig) -> None:
+    rows = []
+    for rec in sorted((Path(cfg.output_dir) / "_pipeline").glob("*.json")):
+        data = json.loads(rec.read_text())
+        rows.append([rec.stem, data.get("wall_s")])
+    if rows:
+        report.table("Stage timings (s)", ["stage", "wall s"], rows)
+
+
+def _counts(report: Report, cfg: PipelineConfig) -> None:
+    rows = []
+    for stage, directory in (
+        ("ingest", cfg.data.ingest_dir),
+        ("score", cfg.score.output_dir),
+        ("select", cfg.select.output_dir),
+    ):
+        manifest = read_manifest(directory) or {}
+        for key, value in (manifest.get("counts") or {}).items():
+            if isinstance(value, (int, float)):
+                rows.append([stage, key, value])
+    if rows:
+        report.table("Counts", ["stage", "count", "value"], rows)
+
+
+def _probe(report: Report, cfg: PipelineConfig) -> None:
+    manifest = read_manifest(cfg.warmup.output_dir) or {}
+    found = _find_key(manifest, "probe")
+    if isinstance(found, dict):
+        rows = [[k, v] for k, v in _flatten(found).items() if isinstance(v, (int, float))]
+        report.table("Quality probe (AUC: clean vs corrupted twins)", ["metric", "value"], rows)
+
+
+def _selection(report: Report, cfg: PipelineConfig) -> None:
+    path = Path(cfg.select.output_dir) / "selection.json"
+    if not path.is_file():
+        return
+    sel = json.loads(path.read_text())
+    plt = _plt()
+    curves = sel.get("k_curves") or sel.get("curves") or {}
+    ks = curves.get("k") or []
+    if ks:
+        fig, ax1 = plt.subplots(figsize=(7, 3.2))
+        ax1.plot(ks, curves.get("inertia", []), "o-", color="#4477aa", label="inertia")
+        ax1.set_xlabel("k")
+        ax1.set_ylabel("inertia Σ(1−cos)")
+        if curves.get("silhouette"):
+            ax2 = ax1.twinx()
+            ax2.plot(ks, curves["silhouette"], "s-", color="#ee6677", label="silhouette")
+            ax2.set_ylabel("silhouette")
+        chosen = sel.get("chosen_k") or sel.get("k")
+        if chosen:
+            ax1.axvline(chosen, color="k", ls="--", lw=1)
+        report.figure(f"k sweep (chosen k = {chosen}, rule {sel.get('k_choice', '')})", "k_sweep.png", fig)
+    clusters = sel.get("clusters") or {}
+    sizes, means = clusters.get("sizes"), clusters.get("mean_quality")
+    if sizes:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.bar(range(len(sizes)), sizes, color="#66ccee")
+        ax.set_xlabel("cluster")
+        ax.set_ylabel("samples")
+        if means:
+            ax2 = ax.twinx()
+            ax2.plot(range(len(means)), means, "k.", label="mean quality")
+            ax2.set_ylabel("mean quality")
+        report.figure("Cluster sizes and mean quality", "clusters.png", fig)
+    counts = sel.get("counts") or {}
+    if counts:
+        report.table("Selection", ["count", "value"], [[k, v] for k, v in counts.items()])
+
+
+def _bad_kept(report: Report, cfg: PipelineConfig) -> None:
+    """Demo only: share of known-bad samples in each selection (labels the pipeline never saw)."""
+    labels_path = Path(cfg.demo.dir) / "pool" / "labels.jsonl"
+    if not cfg.demo.enabled or not labels_path.is_file():
+        return
+    from selectmoe.demo import read_demo_labels
+
+    labels = read_demo_labels(labels_path)
+    pool_bad = sum(1 for v in labels.values() if v != "clean") / max(len(labels), 1)
+    rows = [["pool", len(labels), pool_bad]]
+    for path in sorted(Path(cfg.select.output_dir).glob("selected*.jsonl")):
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+        bad = sum(1 for i in ids if labels.get(i, "clean") != "clean")
+        rows.append([path.stem, len(ids), bad / max(len(ids), 1)])
+    report.table(
+        "Known-bad share (demo labels, hidden from the pipeline)", ["set", "samples", "bad share"], rows
+    )
+
+
+def _evaluation(report: Report, cfg: PipelineConfig) -> None:
+    path = Path(cfg.evaluate.output_dir) / "comparison.json"
+    if not path.is_file():
+        return
+    comp = json.loads(path.read_text())
+    rows_in = comp.get("rows", comp) if isinstance(comp, dict) else comp
+    if isinstance(rows_in, dict):
+        rows_in = [
+            {"run": k, **v} if isinstance(v, dict) else {"run": k, "value": v} for k, v in rows_in.items()
+        ]
+    header = sorted({k for r in rows_in for k in r if k != "run"})
+    report.table(
+        "Evaluation (lm-eval)",
+        ["run", *header],
+        [[r.get("run"), *[r.get(h) for h in header]] for r in rows_in],
+    )
+
+
+def _find_key(obj: Any, needle: str) -> Any:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if needle in str(key).lower() and isinstance(value, dict):
+                return value
+            found = _find_key(value, needle)
+            if found is not None:
+                return found
+    return None
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
