@@ -30,6 +30,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a `ray start --head` another test runs
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

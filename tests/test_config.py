@@ -1,0 +1,77 @@
+"""Config: defaults in one place, presets validated, overrides, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from selectmoe.config import PipelineConfig, list_presets, load_config
+
+REQUIRED = {"olmoe_less": ["convert.source=/m", "data.pool=[/d]", "finetune.base_model=/t"]}
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_shipped_preset_loads_and_validates(preset):
+    cfg = load_config(preset, [*REQUIRED.get(preset, []), "output_dir=/tmp/run"])
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.score.output_dir == "/tmp/run/router_data"
+    assert cfg.select.router_dir == cfg.score.output_dir  # stages chain through interpolation
+    assert cfg.warmup.pool == cfg.data.pool
+
+
+def test_presets_cover_the_documented_users():
+    assert {"demo", "olmoe_less", "tune_quality_loss"} <= set(list_presets())
+
+
+def test_dotted_overrides_and_interpolated_seed():
+    cfg = load_config(None, ["seed=7", "select.k_range=[3,9]", "warmup.quality_loss.type=mse"])
+    assert cfg.select.seed == 7 and cfg.warmup.seed == 7
+    assert cfg.select.k_range == [3, 9]
+    assert cfg.warmup.quality_loss.type == "mse"
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(Exception, match=r"selectt|not in"):
+        load_config(None, ["selectt.k=3"])
+
+
+def test_mandatory_preset_values_are_named():
+    with pytest.raises(ValueError, match=r"convert\.source.*data\.pool.*finetune\.base_model"):
+        load_config("olmoe_less")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("select.k_choice=biggest", "k_choice"),
+        ("warmup.trainable=everything", "trainable"),
+        ("select.selection_percentage=0", "selection_percentage"),
+        ("select.k_range=[1,5]", "k_range"),
+        ("stages=[warmup,polish]", "unknown stage"),
+    ],
+)
+def test_invalid_values_fail_clearly(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_defaults_match_the_original_final_run():
+    """The original's final Stage-1 settings (reference §3.5) are the warmup defaults."""
+    w = load_config(None).warmup
+    assert (w.lr, w.epochs, w.batch_size, w.max_length) == (3e-4, 2, 16, 1024)
+    assert (w.quality_loss.type, w.quality_loss.weight, w.quality_loss.sample_wise_averaging) == (
+        "sigmoid",
+        1.0,
+        True,
+    )
+    f = load_config(None).finetune
+    assert (f.lora_r, f.lora_alpha, f.lora_dropout, f.lr, f.epochs, f.batch_size) == (
+        128,
+        512,
+        0.1,
+        2e-5,
+        4,
+        128,
+    )
+    assert dataclasses.asdict(load_config(None))["select"]["selection_percentage"] == 0.05
