@@ -281,10 +281,48 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         raise ValueError(
             f"config {source}: mandatory value(s) not set: {', '.join(sorted(mandatory))} (give key=value)"
         )
+    # Ray workers run in another working directory: every local path must be absolute before use.
+    merged.output_dir = _absolute(merged.output_dir)
     OmegaConf.resolve(merged)
     cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _absolutize_paths(cfg)
     _validate(cfg)
     return cfg
+
+
+# Path fields: outputs are always made absolute; inputs only when they exist locally (hub ids, URIs pass).
+_OUTPUT_FIELDS = {"output_dir", "storage_path", "ingest_dir", "dir"}
+_INPUT_FIELDS = {
+    "source", "model_dir", "pool", "router_dir", "pool_dir", "base_model", "train_files",
+    "adapters_dir", "include_path", "resume_from",
+}  # fmt: skip
+
+
+def _absolute(path: str) -> str:
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _absolutize_paths(node: Any) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolutize_paths(value)
+        elif f.name in _OUTPUT_FIELDS and isinstance(value, str):
+            setattr(node, f.name, _absolute(value))
+        elif f.name in _INPUT_FIELDS:
+            setattr(node, f.name, _absolutize_inputs(value))
+
+
+def _absolutize_inputs(value: Any) -> Any:
+    if isinstance(value, str):
+        return _absolute(value) if "://" not in value and Path(value).expanduser().exists() else value
+    if isinstance(value, list):
+        return [_absolutize_inputs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolutize_inputs(v) for k, v in value.items()}
+    return value
 
 
 def _mandatory_keys(node: Any, prefix: str = "") -> set[str]:

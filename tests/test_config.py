@@ -75,3 +75,20 @@ def test_defaults_match_the_original_final_run():
         128,
     )
     assert dataclasses.asdict(load_config(None))["select"]["selection_percentage"] == 0.05
+
+
+def test_local_paths_become_absolute_uris_and_hub_ids_do_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pool.jsonl").write_text("")
+    cfg = load_config(
+        None,
+        [
+            "output_dir=runs/a",
+            "data.pool=[pool.jsonl,s3://bucket/x.jsonl]",
+            "finetune.base_model=Qwen/Qwen2.5-1.5B",
+        ],
+    )
+    assert cfg.output_dir == str(tmp_path / "runs" / "a")
+    assert cfg.warmup.storage_path == str(tmp_path / "runs" / "a" / "ray_results")
+    assert cfg.data.pool == [str(tmp_path / "pool.jsonl"), "s3://bucket/x.jsonl"]
+    assert cfg.finetune.base_model == "Qwen/Qwen2.5-1.5B"
