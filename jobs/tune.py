@@ -4,7 +4,11 @@ ray job submit --working-dir . -- python jobs/tune.py --config tune_quality_loss
 """
 
 import argparse
+import os
 import sys
+
+# Repository root instead of jobs/ first on sys.path (jobs/select.py would shadow the stdlib `select`).
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str] | None = None) -> int:

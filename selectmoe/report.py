@@ -236,7 +236,7 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
 
 def _bad_kept(report: Report, cfg: PipelineConfig) -> None:
     """Demo only: share of known-bad samples in each selection (labels the pipeline never saw)."""
-    labels_path = Path(cfg.demo.dir) / "pool" / "labels.jsonl"
+    labels_path = Path(cfg.demo.dir) / "pool_labels.jsonl"
     if not cfg.demo.enabled or not labels_path.is_file():
         return
     from selectmoe.demo import read_demo_labels
