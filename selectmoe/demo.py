@@ -51,6 +51,7 @@ class DemoAssets:
 
 def prepare_demo_assets(cfg: DemoConfig, *, seed: int = 42) -> DemoAssets:
     from selectmoe.data.demo_pool import build_demo_eval, build_demo_pool
+    from selectmoe.data.readers import expand_inputs, iter_rows
     from selectmoe.eval_tasks import write_demo_task
     from selectmoe.model.tiny import build_tiny_dense_target, build_tiny_olmoe, train_bpe_tokenizer
 
@@ -58,7 +59,9 @@ def prepare_demo_assets(cfg: DemoConfig, *, seed: int = 42) -> DemoAssets:
     root = Path(cfg.dir)
     root.mkdir(parents=True, exist_ok=True)
     pool = build_demo_pool(root / "pool", n_clean=cfg.n_clean, bad_fraction=cfg.bad_fraction, seed=seed)
-    pretrain = build_demo_pool(root / "pretrain_corpus", n_clean=cfg.n_clean, bad_fraction=0.0, seed=seed + 1)
+    pretrain = build_demo_pool(
+        root / "pretrain_corpus", n_clean=cfg.n_clean, bad_fraction=0.0, seed=seed + 1, parquet_fraction=0.0
+    )
     eval_path = build_demo_eval(root / "eval", n=cfg.n_eval, seed=seed + 2)
 
     pretrain_records = _read_records(pretrain.paths)
@@ -77,7 +80,7 @@ def prepare_demo_assets(cfg: DemoConfig, *, seed: int = 42) -> DemoAssets:
     tokenizer.save_pretrained(root / "tiny_target")
 
     tasks_dir = write_demo_task(root / "tasks", eval_path)
-    n_rows = sum(1 for p in pool.paths for line in Path(p).read_text().splitlines() if line.strip())
+    n_rows = sum(1 for source in expand_inputs([str(p) for p in pool.all_paths]) for _ in iter_rows(source))
     return DemoAssets(
         pool_dir=str(root / "pool"),
         labels_path=str(pool.labels_path),
