@@ -1,0 +1,154 @@
+"""Selector artefact (warmup → score/probe): base-model reference + trainable tensors (safetensors) +
+tokenizer. No pickle anywhere.
+
+Layout::
+
+    selector.json         {"base_model_dir", "trainable_mode", "encoding", "model_config_overrides"}
+    trainable.safetensors gates + routers under plain SelectMoeForCausalLM names (LoRA merged)
+    tokenizer files
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SELECTOR_JSON = "selector.json"
+TRAINABLE_FILE = "trainable.safetensors"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def save_selector(
+    out_dir,
+    *,
+    base_model_dir,
+    trainable_mode: str,
+    tensors: dict[str, torch.Tensor],
+    encoding: dict,
+    tokenizer,
+    config_overrides: dict | None = None,
+) -> Path:
+    """Write a selector artefact to ``out_dir`` (created); returns its path. ``tokenizer`` is a tokenizer
+    object or a directory to copy it from (``None``: the base model's tokenizer is used at load time)."""
+    from safetensors.torch import save_file
+
+    from selectmoe.model.trainable import TRAINABLE_MODES
+
+    if trainable_mode not in TRAINABLE_MODES:
+        raise ValueError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {trainable_mode!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(clean, str(out / TRAINABLE_FILE), metadata={"format": "pt", "trainable_mode": trainable_mode})
+    meta = {
+        "base_model_dir": str(Path(base_model_dir).resolve()),
+        "trainable_mode": trainable_mode,
+        "encoding": dict(encoding or {}),
+        "model_config_overrides": dict(config_overrides or {}),
+    }
+    (out / SELECTOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+    }
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _load_select_moe(model_dir: Path, overrides: dict[str, Any]):
+    from transformers import AutoConfig
+
+    from selectmoe.model.modeling_select_moe import SelectMoeForCausalLM
+
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type != "select_moe":
+        raise ValueError(
+            f"{model_dir} has model_type {model_type!r}, expected 'select_moe' (convert OLMoE first: "
+            "selectmoe convert SRC DST)"
+        )
+    config = AutoConfig.from_pretrained(str(model_dir))
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    return SelectMoeForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
+
+
+def load_selector(path, *, dtype=None, device=None):
+    """Load a selector artefact (or a plain converted Select-MoE dir) → ``(model, tokenizer, encoding)``.
+
+    The model is loaded in fp32, the trainable tensors are copied in (a name or shape that does not match the
+    base raises ``ValueError`` naming the tensor and shapes), then it is cast to ``dtype`` (torch dtype or
+    name; ``None``/``"auto"`` keeps fp32), moved to ``device`` and put in eval mode. ``encoding`` is the
+    EncodingSpec dict (``{}`` for a plain converted dir).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from selectmoe.model.trainable import import_trainable
+
+    root = Path(path)
+    selector_json = root / SELECTOR_JSON
+    if selector_json.is_file():
+        meta = json.loads(selector_json.read_text())
+        base = Path(meta["base_model_dir"])
+        if not base.is_absolute():
+            base = (root / base).resolve()
+        model = _load_select_moe(base, meta.get("model_config_overrides") or {})
+        tensor_file = root / TRAINABLE_FILE
+        if tensor_file.is_file():
+            tensors = load_file(str(tensor_file))
+            try:
+                import_trainable(model, tensors)
+            except ValueError as err:
+                raise ValueError(
+                    f"selector {root}: trainable tensors do not match base model {base}: {err}"
+                ) from err
+        model.selectmoe_trainable_mode = meta.get("trainable_mode", "full_rank")
+        tok_dir = root if _has_tokenizer(root) else base
+        encoding = dict(meta.get("encoding") or {})
+    elif (root / "config.json").is_file():
+        model = _load_select_moe(root, {})
+        tok_dir = root
+        encoding = {}
+    else:
+        raise ValueError(f"{root} is neither a selector artefact ({SELECTOR_JSON}) nor a model directory")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    target_dtype = _resolve_dtype(dtype)
+    if target_dtype is not None:
+        model = model.to(dtype=target_dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer, encoding
+
+
+__all__ = ["SELECTOR_JSON", "TRAINABLE_FILE", "load_selector", "save_selector"]
