@@ -1,0 +1,138 @@
+"""Selection policies: which rows to keep at a budget. Each returns an int64 index array in selection order.
+
+Within-cluster (and global) ranking is always score descending, ties by id ascending, so the result is a
+pure function of (scores, labels, ids, budget, seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def budget_for(n: int, selection_percentage: float) -> int:
+    """``max(1, round(selection_percentage × n))``, capped at ``n`` (Python rounding, half to even)."""
+    if n <= 0:
+        return 0
+    if not 0 < selection_percentage <= 1:
+        raise ValueError(f"selection_percentage must be in (0, 1], got {selection_percentage}")
+    return min(n, max(1, round(selection_percentage * n)))
+
+
+def _rank_order(scores: np.ndarray, ids: Sequence[str] | None) -> np.ndarray:
+    """Indices sorted by score desc, then id asc (then index asc)."""
+    n = len(scores)
+    id_arr = np.asarray(ids if ids is not None else [f"{i:012d}" for i in range(n)], dtype=object)
+    id_rank = np.empty(n, dtype=np.int64)
+    id_rank[sorted(range(n), key=lambda i: (id_arr[i], i))] = np.arange(n)
+    return np.lexsort((id_rank, -np.asarray(scores, dtype=np.float64)))
+
+
+def _check(scores, labels, budget):
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels is not None and len(labels) != len(scores):
+        raise ValueError(f"{len(labels)} labels for {len(scores)} scores")
+    return scores, int(min(max(budget, 0), len(scores)))
+
+
+def round_robin(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.ndarray:
+    """Clusters in ascending label order, one row from each per round (its best remaining score; ties
+    by id asc), skipping exhausted clusters, until ``budget`` rows are taken."""
+    scores, budget = _check(scores, labels, budget)
+    labels = np.asarray(labels)
+    order = _rank_order(scores, ids)
+    lab_sorted = labels[order]
+    # Position of each row inside its cluster's ranking (stable sort keeps the score/id order).
+    by_cluster = np.argsort(lab_sorted, kind="stable")
+    lab_grouped = lab_sorted[by_cluster]
+    starts = np.r_[0, np.flatnonzero(lab_grouped[1:] != lab_grouped[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(lab_grouped)])
+    within = np.arange(len(lab_grouped)) - np.repeat(starts, sizes)
+    rows = order[by_cluster]
+    pick = np.lexsort((lab_grouped, within))  # round first, then label ascending
+    return rows[pick][:budget].astype(np.int64)
+
+
+def top_k(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.ndarray:
+    """Global best ``budget`` scores (ties by id asc)."""
+    scores, budget = _check(scores, labels, budget)
+    return _rank_order(scores, ids)[:budget].astype(np.int64)
+
+
+def random_policy(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.ndarray:
+    """A seeded uniform sample without replacement (``np.random.default_rng(seed).permutation``)."""
+    scores, budget = _check(scores, labels, budget)
+    return np.random.default_rng(seed).permutation(len(scores))[:budget].astype(np.int64)
+
+
+def proportional_quotas(sizes: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
+    """Quotas ∝ ``weights`` with largest-remainder rounding (ties: lower cluster index), capped by
+    ``sizes``; capacity left by capped clusters is redistributed ∝ weight among the others."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    w = np.where(np.isfinite(w), w, 0.0)
+    budget = int(min(budget, sizes.sum()))
+    quota = np.zeros(len(sizes), dtype=np.int64)
+    remaining = budget
+    while remaining > 0:
+        open_ = quota < sizes
+        ww = np.where(open_, w, 0.0)
+        if ww.sum() <= 0:
+            ww = np.where(open_, (sizes - quota).astype(np.float64), 0.0)
+        exact = remaining * ww / ww.sum()
+        add = np.floor(exact).astype(np.int64)
+        left = remaining - int(add.sum())
+        if left > 0:
+            rem = exact - add
+            cand = np.flatnonzero(open_)
+            cand = cand[np.lexsort((cand, -rem[cand]))][:left]
+            add[cand] += 1
+        add = np.minimum(add, sizes - quota)
+        quota += add
+        remaining = budget - int(quota.sum())
+    return quota
+
+
+def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.ndarray:
+    """Per-cluster quota ∝ size × mean score (see :func:`proportional_quotas`); each cluster gives its
+    best rows. Output order: clusters ascending, best score first within a cluster."""
+    scores, budget = _check(scores, labels, budget)
+    labels = np.asarray(labels)
+    uniq, inv = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inv, minlength=len(uniq))
+    means = np.bincount(inv, weights=scores, minlength=len(uniq)) / np.maximum(sizes, 1)
+    quota = proportional_quotas(sizes, sizes * means, budget)
+    order = _rank_order(scores, ids)
+    inv_sorted = inv[order]
+    grouped = np.argsort(inv_sorted, kind="stable")
+    rows, lab_g = order[grouped], inv_sorted[grouped]
+    starts = np.r_[0, np.flatnonzero(lab_g[1:] != lab_g[:-1]) + 1]
+    cl_sizes = np.diff(np.r_[starts, len(lab_g)])
+    within = np.arange(len(lab_g)) - np.repeat(starts, cl_sizes)
+    keep = within < quota[lab_g]
+    return rows[keep].astype(np.int64)
+
+
+Policy = Callable[..., np.ndarray]
+POLICIES: dict[str, Policy] = {
+    "round_robin": round_robin,
+    "proportional": proportional,
+    "top_k": top_k,
+    "random": random_policy,
+}
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown selection policy {name!r}; expected one of {sorted(POLICIES)}") from None
+
+
+def select_indices(
+    name: str, scores, labels, selection_percentage: float, *, ids=None, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """(indices, budget) for policy ``name`` at ``budget_for(len(scores), selection_percentage)``."""
+    budget = budget_for(len(scores), selection_percentage)
+    return get_policy(name)(scores, labels, budget, ids=ids, seed=seed), budget

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from selectmoe.cluster.sweep import k_values, sweep_k
+from selectmoe.selection.policies import (
+    budget_for,
+    proportional,
+    proportional_quotas,
+    random_policy,
+    round_robin,
+    select_indices,
+    top_k,
+)
+
+IDS = list("abcdefgh")
+SCORES = np.array([0.9, 0.5, 0.7, 0.7, 0.8, 0.1, 0.95, 0.3])
+LABELS = np.array([1, 0, 0, 0, 1, 2, 2, 1])
+
+
+def test_round_robin_exact():
+    # cluster 0: c(2), d(3) (tie 0.7, id asc), b(1); cluster 1: a(0), e(4), h(7); cluster 2: g(6), f(5)
+    assert round_robin(SCORES, LABELS, 5, ids=IDS).tolist() == [2, 0, 6, 3, 4]
+    assert round_robin(SCORES, LABELS, 8, ids=IDS).tolist() == [2, 0, 6, 3, 4, 5, 1, 7]
+    # tie broken by id: swap ids of c and d -> d's row first
+    ids2 = list("abdcefgh")
+    assert round_robin(SCORES, LABELS, 1, ids=ids2).tolist() == [3]
+
+
+def test_top_k_and_random():
+    assert top_k(SCORES, LABELS, 3, ids=IDS).tolist() == [6, 0, 4]
+    assert top_k(SCORES, None, 5, ids=IDS).tolist() == [6, 0, 4, 2, 3]
+    r = random_policy(SCORES, LABELS, 4, seed=3)
+    assert r.tolist() == np.random.default_rng(3).permutation(8)[:4].tolist()
+    assert r.tolist() == random_policy(SCORES, LABELS, 4, seed=3).tolist()
+    assert len(set(r.tolist())) == 4
+
+
+def test_proportional_exact():
+    # weights size x mean: 3*.6333=1.9, 3*.6667=2.0, 2*.525=1.05 -> exact quotas 1.54, 1.62, 0.85
+    # floors [1, 1, 0], two leftovers by largest remainder -> cluster 2 (.85) and cluster 1 (.62)
+    assert proportional(SCORES, LABELS, 4, ids=IDS).tolist() == [2, 0, 4, 6]
+
+
+def test_proportional_quotas_cap_and_redistribute():
+    assert proportional_quotas(np.array([1, 10]), np.array([100.0, 1.0]), 5).tolist() == [1, 4]
+    assert proportional_quotas(np.array([3, 3]), np.array([0.0, 0.0]), 4).sum() == 4
+    assert proportional_quotas(np.array([2, 2]), np.array([1.0, 1.0]), 10).tolist() == [2, 2]
+
+
+def test_budget():
+    assert budget_for(8, 0.5) == 4
+    assert budget_for(10, 0.01) == 1
+    assert budget_for(120, 0.1) == 12
+    with pytest.raises(ValueError):
+        budget_for(10, 0.0)
+    idx, budget = select_indices("top_k", SCORES, LABELS, 0.25, ids=IDS)
+    assert budget == 2 and idx.tolist() == [6, 0]
+    with pytest.raises(ValueError, match="unknown selection policy"):
+        select_indices("nope", SCORES, LABELS, 0.25)
+
+
+def test_k_values():
+    assert k_values([3, 6]) == [3, 4, 5, 6]
+    assert k_values([4]) == [4]
+    with pytest.raises(ValueError):
+        k_values([5, 2])
+
+
+def _blobs(n=300, d=8, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, d))
+    X = c[rng.integers(0, k, n)] + 0.2 * rng.normal(size=(n, d))
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_sweep_on_ray(ray_local):
+    X = _blobs()
+    res = sweep_k(X, range(2, 7), n_init=2, seed=1, num_actors=2)
+    assert res.ks == [2, 3, 4, 5, 6]
+    assert len(res.inertia) == len(res.silhouette) == 5 and all(np.isfinite(res.silhouette))
+    assert res.inertia[0] > res.inertia[-1]
+    for k in res.ks:
+        assert res.labels[k].dtype == np.int32 and len(np.unique(res.labels[k])) == k
+    local = sweep_k(X, range(2, 7), n_init=2, seed=1, use_ray=False)
+    for k in res.ks:  # schedule-independent and identical to in-process
+        np.testing.assert_array_equal(local.labels[k], res.labels[k])
+    assert res.ks[int(np.argmax(res.silhouette))] == 3
+    # fit_fraction: fitted on a sample, every row labelled
+    part = sweep_k(X, [3], fit_fraction=0.5, seed=1, use_ray=False)
+    assert len(part.labels[3]) == len(X) and part.silhouette[0] > 0.5
