@@ -125,7 +125,7 @@ def _pretrain(model, tokenizer, records: list[dict], cfg: DemoConfig, *, seed: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     logger.info("demo base pre-training: loss %.3f -> %.3f", losses[0], losses[-1])
     return losses[0], sum(losses[-10:]) / len(losses[-10:])

@@ -1,0 +1,228 @@
+"""The label-free quality probe: can the selector tell held-out clean samples from corrupted twins?
+
+From ``n`` clean samples it builds one corrupted twin per sample for each corruption in
+:data:`selectmoe.data.corruptions.CORRUPTIONS` (``swap_response`` takes the response of *another* held-out
+sample as donor), scores clean and corrupted samples with the model using exactly the scoring definition
+(:func:`selectmoe.stages.score.score_batch`: mean over layers of the token-mean gate ``g`` over
+``token_mask_for_scope(model.config.quality_token_scope)``, same :class:`ChatEncoder` and EncodingSpec),
+and reports
+
+- ``probe_auc``: the **unpaired** Mann-Whitney AUC over all clean vs all corrupted scores,
+  ``P(score(clean) > score(corrupt)) + 0.5 * P(tie)``;
+- ``per_corruption[kind]``: the same AUC of all clean vs that corruption's twins;
+- ``paired_win_rate``: the share of (clean, its own twin) pairs the clean sample wins (ties 0.5).
+
+0.5 = no signal; 1.0 = every clean sample scores above every corrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from selectmoe.data.corruptions import CORRUPTIONS, corrupt
+
+
+def mann_whitney_auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """``P(pos > neg) + 0.5 P(pos == neg)`` over all (pos, neg) pairs (unpaired), via mid-ranks."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    both = np.concatenate([pos, neg])
+    order = np.argsort(both, kind="mergesort")
+    ranks = np.empty(both.size, dtype=np.float64)
+    sorted_vals = both[order]
+    i = 0
+    while i < both.size:  # mid-ranks for ties
+        j = i
+        while j + 1 < both.size and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (pos.size * neg.size))
+
+
+def build_probe_set(records: Sequence[Mapping[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+    """``[{"pair": i, "kind": "clean" | <corruption>, "messages": [...]}, ...]``: each record plus one twin per
+    corruption. Records without an assistant turn are skipped. Deterministic given ``seed``."""
+    usable = [r for r in records if any(m.get("role") == "assistant" for m in r["messages"])]
+    rng = random.Random(seed)
+    items: list[dict[str, Any]] = []
+    for i, rec in enumerate(usable):
+        items.append({"pair": i, "kind": "clean", "messages": rec["messages"]})
+        for kind in CORRUPTIONS:
+            donor = None
+            if kind == "swap_response":
+                if len(usable) < 2:
+                    continue
+                j = rng.randrange(len(usable) - 1)
+                donor = usable[j if j < i else j + 1]  # another held-out sample
+            twin = corrupt({"messages": rec["messages"]}, kind, rng, donor=donor)
+            items.append({"pair": i, "kind": kind, "messages": twin["messages"]})
+    return items
+
+
+def score_messages(model, encoder, conversations, *, batch_size: int = 16) -> np.ndarray:
+    """Per-sample quality scores of ``conversations`` (THE scoring function, batched by length)."""
+    import torch
+
+    from selectmoe.data.encoding import pad_batch
+    from selectmoe.stages.score import score_batch
+
+    encoded = encoder.encode_many(list(conversations))
+    scope = getattr(model.config, "quality_token_scope", "all")
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].input_ids))
+    out = np.zeros(len(encoded), dtype=np.float64)
+    pad_id = encoder.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = encoder.tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = pad_batch([encoded[k] for k in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            stats = score_batch(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], scope=scope
+            )
+        out[idx] = stats["quality"]
+    return out
+
+
+def probe(model, encoder, items: Sequence[Mapping[str, Any]], *, batch_size: int = 16) -> dict[str, Any]:
+    """AUCs of a probe set (see module docstring) for ``model`` (put in eval mode by the caller)."""
+    scores = score_messages(model, encoder, [it["messages"] for it in items], batch_size=batch_size)
+    kinds = np.array([it["kind"] for it in items])
+    pairs = np.array([it["pair"] for it in items])
+    clean = scores[kinds == "clean"]
+    clean_by_pair = {int(p): s for p, s, k in zip(pairs, scores, kinds, strict=True) if k == "clean"}
+    per_kind = {}
+    wins = []
+    for kind in CORRUPTIONS:
+        sel = kinds == kind
+        if sel.any():
+            per_kind[kind] = mann_whitney_auc(clean, scores[sel])
+            for p, s in zip(pairs[sel], scores[sel], strict=True):
+                c = clean_by_pair[int(p)]
+                wins.append(1.0 if c > s else 0.5 if c == s else 0.0)
+    return {
+        "probe_auc": mann_whitney_auc(clean, scores[kinds != "clean"]),
+        "per_corruption": per_kind,
+        "paired_win_rate": float(np.mean(wins)) if wins else float("nan"),
+        "n_clean": int(clean.size),
+        "n_corrupt": int((kinds != "clean").sum()),
+        "clean_mean": float(clean.mean()) if clean.size else float("nan"),
+        "corrupt_mean": float(scores[kinds != "clean"].mean()) if (kinds != "clean").any() else float("nan"),
+        "auc_kind": "unpaired Mann-Whitney over all clean vs all corrupted scores",
+    }
+
+
+def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """``probe_auc`` + ``probe_auc_<kind>`` + ``probe_paired_win_rate`` (for ``ray.train.report``)."""
+    out = {"probe_auc": float(result["probe_auc"]), "probe_paired_win_rate": float(result["paired_win_rate"])}
+    out.update({f"probe_auc_{k}": float(v) for k, v in result["per_corruption"].items()})
+    return out
+
+
+class ProbeEval:
+    """``LoopSpec.eval_fn``: the probe on held-out records (picklable; tokenizer + twins built lazily)."""
+
+    def __init__(
+        self, records: Sequence[Mapping[str, Any]], tokenizer_dir: str, encoding: Mapping[str, Any], seed: int
+    ):
+        self.records = [{"messages": list(r["messages"])} for r in records]
+        self.tokenizer_dir = str(tokenizer_dir)
+        self.encoding = dict(encoding)
+        self.seed = int(seed)
+        self._state = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_state": None}
+
+    def _build(self):
+        if self._state is None:
+            from transformers import AutoTokenizer
+
+            from selectmoe.data.encoding import ChatEncoder, EncodingSpec
+
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._state = (
+                ChatEncoder(tok, EncodingSpec.from_dict(self.encoding)),
+                build_probe_set(self.records, seed=self.seed),
+            )
+        return self._state
+
+    def full(self, model) -> dict[str, Any]:
+        encoder, items = self._build()
+        return probe(model, encoder, items)
+
+    def __call__(self, model) -> dict[str, float]:
+        if not self.records:
+            return {}
+        return flat_metrics(self.full(model))
+
+
+def _sample_records(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    if n >= len(records):
+        return records
+    return random.Random(seed).sample(records, n)
+
+
+def probe_main(argv: Sequence[str] | None = None) -> int:
+    """``selectmoe probe MODEL_DIR POOL... [--n N] [--seed S] [--batch-size B]``: prints the probe JSON.
+
+    MODEL_DIR is a selector artefact or a converted Select-MoE directory; POOL are instruction files (any
+    format ingest accepts), validated into a temporary directory; ``n`` clean samples are drawn with ``seed``.
+    """
+    import tempfile
+
+    import torch
+
+    from selectmoe.data.encoding import ChatEncoder, EncodingSpec
+    from selectmoe.data.ingest import ensure_ingested, iter_ingested_records
+    from selectmoe.model import load_selector
+
+    parser = argparse.ArgumentParser(prog="selectmoe probe", description=probe_main.__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("pool", nargs="+")
+    parser.add_argument("--n", type=int, default=64, help="clean samples (default 64)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--format", default="auto")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, encoding = load_selector(
+        args.model_dir, dtype=torch.bfloat16 if device == "cuda" else None, device=device
+    )
+    encoder = ChatEncoder(tokenizer, EncodingSpec.from_dict(encoding or None))
+    with tempfile.TemporaryDirectory(prefix="selectmoe-probe-") as tmp:
+        ensure_ingested(args.pool, tmp, fmt=args.format, strict=False)
+        records = [{"id": r["id"], "messages": r["messages"]} for r in iter_ingested_records(tmp)]
+    if not records:
+        print(json.dumps({"error": "no valid records in the pool"}), file=sys.stderr)
+        return 2
+    chosen = _sample_records(records, args.n, args.seed)
+    result = probe(model, encoder, build_probe_set(chosen, seed=args.seed), batch_size=args.batch_size)
+    result.update(model_dir=str(args.model_dir), seed=args.seed)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+__all__ = [
+    "ProbeEval",
+    "build_probe_set",
+    "flat_metrics",
+    "mann_whitney_auc",
+    "probe",
+    "probe_main",
+    "score_messages",
+]

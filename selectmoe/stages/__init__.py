@@ -1,0 +1,1 @@
+"""Pipeline stages: plain ``run_<stage>(cfg) -> <Stage>Result`` functions."""

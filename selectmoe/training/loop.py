@@ -1,0 +1,660 @@
+"""THE Ray Train torch loop, shared by warmup (Select-MoE gates/routers) and finetune (LoRA on a dense target).
+
+Contract (what a caller provides, in a picklable :class:`LoopSpec`):
+
+- ``model_fn()`` builds the model on CPU with exactly the trainable parameters ``requires_grad``;
+  ``export_fn(model) -> {name: tensor}`` / ``import_fn(model, tensors)`` move the trainable state in and
+  out (only those tensors are checkpointed). The loss is the model forward's ``loss``.
+- The Ray Dataset ``train`` yields rows with ``input_ids`` and ``labels`` (variable length, already
+  encoded by the Data pipeline); it is split equally across workers with ``preserve_order`` so every
+  worker's stream is deterministic.
+
+What the loop does per optimizer step: gathers its ``grad_accum`` micro-batches, all-reduces the global
+label-token / sample / quality-token counts and passes them to the forward (``num_items_in_batch`` and the
+names in ``count_kwargs``), so accumulation over micro-batches and workers equals one big batch exactly
+(the loss is multiplied by the world size because DDP averages gradients). AdamW over the trainable
+parameters only (kept fp32; frozen weights bf16 on GPU under bf16 autocast), HF ``get_scheduler``,
+``clip_grad_norm_``. Randomness (dropout, LoRA init) is reseeded from ``(seed, step, rank)`` at each
+step, so no RNG state needs saving.
+
+Checkpoints (every ``checkpoint_every`` steps, at each epoch end and at the end), no pickle:
+``trainable.safetensors`` (trainable tensors only), ``optimizer.safetensors`` (AdamW moments keyed by
+parameter name; one file per rank under FSDP), ``state.json`` (step, epoch, step in epoch, scheduler and
+optimizer hyper-parameters). Resume reads ``ray.train.get_checkpoint()`` (a ``FailureConfig`` restart)
+or ``LoopSpec.resume_from`` (a stopped run) and continues exactly: the epoch's data stream is replayed and
+the consumed micro-batches are skipped. Resume does NOT cover: a different world size or batch
+arithmetic (refused), a changed dataset (not detected), or the frozen base changing under it.
+
+Metrics go through ``ray.train.report`` from every worker at the same steps (log steps, checkpoint steps,
+epoch ends); rank 0 attaches the checkpoint. The optional ``eval_fn(model) -> {name: float}`` runs on rank
+0 at each epoch end (and before step 1 with ``eval_before``, reported as ``<name>_before``); every
+report carries the latest eval values (Tune schedulers need the metric in every result). Reports also
+carry ``tokens_seen`` (non-pad tokens, all workers, persisted across restarts).
+
+The step itself is :func:`forward_backward` + :func:`global_counts` (usable without Ray: the GA test and
+the benchmark's bare loop run exactly it). ``collate`` pads with THE padding (``data.encoding.pad_batch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Test hook (read on the driver, shipped in the loop config): "STEP:MARKER_FILE" makes rank 0 raise once
+# after optimizer step STEP if MARKER_FILE does not exist yet (it is created first).
+FAIL_ONCE_ENV = "SELECTMOE_FAIL_ONCE_AT_STEP"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs; shipped through ``train_loop_config`` (must be picklable)."""
+
+    model_fn: Callable[[], torch.nn.Module]
+    export_fn: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
+    import_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Any]
+    n_rows: int  # rows of the training dataset (sets steps per epoch and the schedule length)
+    pad_token_id: int
+    lr: float = 3e-4
+    epochs: int = 1
+    batch_size: int = 16  # global, exact: micro_batch_size x grad_accum x world size
+    micro_batch_size: int = 1
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "linear"  # any transformers.get_scheduler name
+    max_steps: int = -1  # >0 caps optimizer steps
+    seed: int = 42
+    bf16: bool = True  # autocast (GPU only)
+    gradient_checkpointing: bool = False
+    strategy: str = "ddp"  # ddp | fsdp
+    checkpoint_every: int = 200
+    log_every: int = 10
+    shuffle_buffer: int = 256  # rows; per-epoch local shuffle seeded by (seed, epoch); 0 = stream order
+    # extra global counts the forward accepts: num_samples_in_batch, num_quality_tokens_in_batch
+    count_kwargs: tuple[str, ...] = ()
+    quality_token_scope: str = "all"  # which tokens num_quality_tokens_in_batch counts (all | trained)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"output_router_logits": True}
+    # per micro-batch extra metrics: (outputs, batch) -> {name: (sum, count)}; reported as sum/count
+    metrics_fn: (
+        Callable[[Any, dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None
+    ) = None
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # epoch end, rank 0, eval mode
+    eval_before: bool = False  # also run eval_fn before step 1; reported as "<name>_before" from then on
+    resume_from: str | None = None  # checkpoint directory of a stopped run
+    fail_once: str | None = None  # test hook, see FAIL_ONCE_ENV
+
+
+@dataclass
+class LoopResult:
+    checkpoint_path: str  # the final checkpoint directory (trainable.safetensors + state.json)
+    metrics: dict[str, Any]  # the last reported metrics (rank 0)
+    steps: int
+    wall_s: float
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(self.checkpoint_path) / TRAINABLE_FILE))
+
+
+def total_steps(spec: LoopSpec, world_size: int) -> tuple[int, int, int]:
+    """``(grad_accum, steps_per_epoch, total_steps)`` for a spec on ``world_size`` workers."""
+    ga = grad_accum_steps(spec.batch_size, spec.micro_batch_size, world_size)
+    per_epoch = steps_per_epoch(spec.n_rows, spec.batch_size, world_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"{spec.n_rows} training rows on {world_size} worker(s) do not fill one global batch of "
+            f"{spec.batch_size}; lower batch_size or add data"
+        )
+    total = per_epoch * spec.epochs
+    if spec.max_steps > 0:
+        total = min(total, spec.max_steps)
+    return ga, per_epoch, total
+
+
+def fit(
+    spec: LoopSpec,
+    dataset,
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    max_failures: int = 1,
+    callbacks: list | None = None,
+) -> LoopResult:
+    """Run the loop on a ``TorchTrainer``; returns the final checkpoint and metrics.
+
+    ``storage_path`` is a local path or URI; on a multi-node cluster it must be shared storage (a URI or
+    an NFS path) or Ray Train cannot gather checkpoints. Rerunning with the same ``name`` and
+    ``storage_path`` lets Ray Train restore the run's latest checkpoint.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
+    if spec.fail_once is None and os.environ.get(FAIL_ONCE_ENV):
+        spec = _replace(spec, fail_once=os.environ[FAIL_ONCE_ENV])
+    _check_storage(storage_path)
+    options = DataConfig.default_ingest_options() if hasattr(DataConfig, "default_ingest_options") else None
+    options = options or ExecutionOptions()
+    options.preserve_order = True  # deterministic split + order: exact resume and reproducible runs
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=options, enable_shard_locality=False),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
+    metrics = dict(result.metrics or {})
+    return LoopResult(
+        checkpoint_path=result.checkpoint.path,
+        metrics=metrics,
+        steps=int(metrics.get("step", 0)),
+        wall_s=time.perf_counter() - t0,
+    )
+
+
+def _replace(spec: LoopSpec, **changes) -> LoopSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, **changes)
+
+
+def _check_storage(storage_path: str) -> None:
+    if "://" in storage_path:
+        return
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    if len(nodes) > 1:
+        logger.warning(
+            "storage_path %s is a local path on a %d-node cluster: it must be shared storage (NFS) "
+            "visible at the same path on every node, or use a URI (s3://, gs://)",
+            storage_path,
+            len(nodes),
+        )
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from transformers import get_scheduler
+
+    spec: LoopSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    ga, per_epoch, n_total = total_steps(spec, world)
+
+    _seed_all(spec.seed)
+    model = spec.model_fn()
+    if on_gpu and spec.bf16:
+        model.to(torch.bfloat16)  # frozen weights in bf16; trainable params back to fp32 below
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable_names:
+        raise ValueError("model_fn returned a model with no trainable parameters")
+
+    state = _load_checkpoint(spec, model, rank, world)
+    if spec.strategy == "fsdp" and world > 1:
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
+        )
+    else:
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    inner = getattr(model, "module", model)
+    named = dict(inner.named_parameters())
+    params = [named[n] for n in trainable_names if n in named]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = get_scheduler(
+        spec.scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(spec.warmup_ratio * n_total),
+        num_training_steps=n_total,
+    )
+    step, epoch, step_in_epoch = 0, 0, 0
+    # persisted in state.json: tokens so far, the pre-training eval, the latest eval (in every report)
+    carry: dict[str, Any] = {"tokens_seen": 0.0, "before": {}, "last_eval": {}}
+    if state is not None:
+        carry.update(state.get("carry") or {})
+        _restore_optimizer(optimizer, scheduler, trainable_names, state)
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        logger.info(
+            "rank %d resumed at step %d (epoch %d, step %d in epoch)", rank, step, epoch, step_in_epoch
+        )
+
+    shard = ray.train.get_dataset_shard("train")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
+    )
+    window = _Window(device)
+    last_metrics: dict[str, Any] = {}
+    if spec.eval_before and state is None:
+        before = _run_eval(spec, model, rank, distributed)
+        carry["before"] = {f"{k}_before": v for k, v in before.items()}
+        carry["last_eval"] = dict(before)
+    model.train()
+    while step < n_total and epoch < spec.epochs:
+        batches = _micro_batches(shard, spec, epoch, device)
+        for _ in range(step_in_epoch * ga):  # replay the consumed part of the epoch deterministically
+            next(batches)
+        while step_in_epoch < per_epoch and step < n_total:
+            _seed_all(spec.seed + 1_000_003 * (step + 1) + rank)
+            group = [next(batches) for _ in range(ga)]
+            counts = _global_counts(group, spec.quality_token_scope, device, distributed)
+            forward_backward(
+                model,
+                group,
+                counts,
+                count_kwargs=spec.count_kwargs,
+                forward_kwargs=spec.forward_kwargs,
+                loss_scale=world if distributed else 1,
+                autocast=autocast,
+                distributed=distributed,
+                on_output=lambda out, mb: window.add_outputs(out, mb, spec.metrics_fn),
+            )
+            if hasattr(model, "clip_grad_norm_"):  # FSDP
+                grad_norm = model.clip_grad_norm_(spec.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            window.add_step(float(grad_norm), float(counts["n_tokens"]))
+            carry["tokens_seen"] += float(counts["n_tokens"])
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_in_epoch += 1
+            epoch_end = step_in_epoch == per_epoch
+            last = step == n_total
+            _maybe_fail(spec.fail_once, step, rank)
+            is_ckpt = step % spec.checkpoint_every == 0 or epoch_end or last
+            if not (is_ckpt or step % spec.log_every == 0):
+                continue
+            metrics = window.flush(distributed)
+            metrics.update(
+                step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"]
+            )
+            metrics.update(carry["before"])
+            if epoch_end or last:
+                carry["last_eval"] = _run_eval(spec, model, rank, distributed) or carry["last_eval"]
+                model.train()
+            metrics.update(carry["last_eval"])  # the latest eval in every report (Tune schedulers need it)
+            after = (epoch + 1, 0) if epoch_end else (epoch, step_in_epoch)
+            _report(
+                spec,
+                inner,
+                optimizer,
+                scheduler,
+                trainable_names,
+                metrics,
+                is_ckpt,
+                step,
+                after,
+                rank,
+                world,
+                carry,
+            )
+            last_metrics = metrics
+        epoch, step_in_epoch = epoch + 1, 0
+    if not last_metrics:  # resumed from a final checkpoint: report it again so the run has a result
+        metrics = {"step": step, "epoch": round(step / per_epoch, 6), "tokens_seen": carry["tokens_seen"]}
+        metrics.update(carry["before"])
+        metrics.update(carry["last_eval"])
+        args = (optimizer, scheduler, trainable_names, metrics, True, step, (epoch, 0), rank, world, carry)
+        _report(spec, inner, *args)
+
+
+def forward_backward(
+    model,
+    group: list[dict[str, torch.Tensor]],
+    counts: dict[str, torch.Tensor],
+    *,
+    count_kwargs: tuple[str, ...] = (),
+    forward_kwargs: dict[str, Any] | None = None,
+    loss_scale: float = 1.0,
+    autocast=None,
+    distributed: bool = False,
+    on_output: Callable[[Any, dict[str, torch.Tensor]], Any] | None = None,
+) -> torch.Tensor:
+    """Forward + backward of one optimizer step's micro-batches (gradients accumulate; no optimizer step).
+
+    Every forward gets the step's *global* counts (``num_items_in_batch`` + ``count_kwargs``), so the summed
+    micro-batch losses / gradients equal one forward over the whole global batch. ``loss_scale`` is the
+    world size under DDP (which averages gradients over workers). Returns the summed (unscaled) loss, detached.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    n = len(group)
+    for i, mb in enumerate(group):
+        sync = i == n - 1 or not distributed or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast or contextlib.nullcontext():
+            out = model(
+                input_ids=mb["input_ids"],
+                attention_mask=mb["attention_mask"],
+                labels=mb["labels"],
+                num_items_in_batch=counts["num_items_in_batch"],
+                **{k: counts[k] for k in count_kwargs},
+                **(forward_kwargs or {}),
+            )
+            loss = out.loss * loss_scale if loss_scale != 1 else out.loss
+        loss.backward()
+        total = total.to(out.loss.device) + out.loss.detach().float()
+        if on_output is not None:
+            on_output(out, mb)
+    return total
+
+
+def global_counts(group, scope: str = "all") -> dict[str, torch.Tensor]:
+    """The step's global counts for micro-batches ``group`` on one process (see ``_global_counts``)."""
+    return _global_counts(group, scope, group[0]["input_ids"].device, False)
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    seed = seed % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _maybe_fail(fail_once: str | None, step: int, rank: int) -> None:
+    if not fail_once or rank != 0:
+        return
+    at, marker = fail_once.split(":", 1)
+    if step == int(at) and not Path(marker).exists():
+        Path(marker).write_text(f"failed once at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+
+
+def _micro_batches(shard, spec: LoopSpec, epoch: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    kwargs: dict[str, Any] = {}
+    if spec.shuffle_buffer > 0:
+        kwargs = {
+            "local_shuffle_buffer_size": spec.shuffle_buffer,
+            "local_shuffle_seed": spec.seed * 7919 + epoch,
+        }
+    for batch in shard.iter_batches(
+        batch_size=spec.micro_batch_size, batch_format="numpy", drop_last=True, **kwargs
+    ):
+        yield collate(batch, spec.pad_token_id, device)
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pad a numpy batch of variable-length ``input_ids``/``labels`` (THE padding: ``pad_batch``)."""
+    from selectmoe.data.encoding import pad_batch
+
+    items = [
+        {"input_ids": np.asarray(x).tolist(), "labels": np.asarray(y).tolist()}
+        for x, y in zip(batch["input_ids"], batch["labels"], strict=True)
+    ]
+    tensors = pad_batch(items, pad_token_id)
+    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def quality_token_mask(attention_mask: torch.Tensor, labels: torch.Tensor, scope: str) -> torch.Tensor:
+    """The tokens the quality loss counts (THE definition: ``selectmoe.model.stats.token_mask_for_scope``)."""
+    from selectmoe.model.stats import token_mask_for_scope
+
+    return token_mask_for_scope(attention_mask, labels, scope)
+
+
+def _global_counts(group, scope: str, device, distributed: bool) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    local = torch.zeros(4, dtype=torch.float64, device=device)
+    for mb in group:
+        local[0] += (mb["labels"][:, 1:] != IGNORE_INDEX).sum()  # causal shift: position 0 is never a target
+        qmask = quality_token_mask(mb["attention_mask"], mb["labels"], scope)
+        local[1] += qmask.any(1).sum()  # samples with >= 1 scoped token (how the quality loss counts them)
+        local[2] += qmask.sum()
+        local[3] += mb["attention_mask"].sum()
+    if distributed:
+        dist.all_reduce(local)
+    n_items, n_samples, n_quality, n_tokens = (local[i].to(torch.int64) for i in range(4))
+    return {
+        "num_items_in_batch": n_items.clamp_min(1),
+        "num_samples_in_batch": n_samples,
+        "num_quality_tokens_in_batch": n_quality.clamp_min(1),
+        "n_tokens": n_tokens,
+    }
+
+
+class _Window:
+    """Sums of per-step metrics between two reports (losses are already normalised by global counts)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0.0
+        self.grad_norm = 0.0
+        self.t0 = time.perf_counter()
+
+    def _add(self, key: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+        value = value.detach().double().to(self.device)
+        count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+        self.sums[key] = self.sums.get(key, 0) + value
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def add_outputs(self, out, mb, metrics_fn) -> None:
+        for key in ("loss", "lm_loss", "quality_loss", "aux_loss"):
+            value = getattr(out, key, None)
+            if isinstance(value, torch.Tensor):
+                self._add(key, value, 0.0)  # per-step sums; divided by steps in flush
+        if metrics_fn is not None:
+            for key, (s, c) in metrics_fn(out, mb).items():
+                self._add(key, s, c)
+
+    def add_step(self, grad_norm: float, tokens: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.grad_norm += grad_norm
+
+    def flush(self, distributed: bool) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        if keys:
+            sums = torch.stack(
+                [self.sums[k].reshape(-1)[0] if self.sums[k].dim() else self.sums[k] for k in keys]
+            )
+            counts = torch.stack([torch.as_tensor(self.counts[k], dtype=torch.float64) for k in keys])
+            vec = torch.cat([sums, counts.to(sums.device)])
+            if distributed:
+                dist.all_reduce(vec)
+            sums, counts = vec[: len(keys)], vec[len(keys) :]
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        metrics: dict[str, Any] = {}
+        for i, key in enumerate(keys):
+            # losses: global per-step values summed over workers -> mean over steps; others: sum / count
+            value = sums[i] / self.steps if counts[i] == 0 else sums[i] / counts[i]
+            metrics[key] = float(value)
+        metrics["grad_norm"] = self.grad_norm / max(self.steps, 1)
+        metrics["tokens_per_s"] = self.tokens / elapsed  # global tokens (all workers) per second
+        self.reset()
+        return metrics
+
+
+def _run_eval(spec: LoopSpec, model, rank: int, distributed: bool) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if spec.eval_fn is None:
+        return {}
+    result: list[Any] = [None]
+    if rank == 0:
+        inner = getattr(model, "module", model)
+        inner.eval()
+        on_gpu = next(inner.parameters()).device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            result[0] = {k: float(v) for k, v in spec.eval_fn(inner).items()}
+    if distributed:
+        dist.broadcast_object_list(result, src=0)  # in-memory only; nothing pickled to disk
+    return result[0] or {}
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+
+
+def _report(
+    spec, inner, optimizer, scheduler, names, metrics, with_ckpt, step, after, rank, world, carry
+) -> None:
+    import ray.train
+
+    if not with_ckpt:
+        ray.train.report(metrics)
+        return
+    fsdp = spec.strategy == "fsdp" and world > 1
+    with tempfile.TemporaryDirectory(prefix="selectmoe-ckpt-") as tmp:
+        if rank == 0 or fsdp:
+            args = (names, step, after, rank, world, fsdp, carry)
+            _write_checkpoint(Path(tmp), spec, inner, optimizer, scheduler, *args)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or fsdp) else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def _write_checkpoint(
+    tmp: Path, spec, inner, optimizer, scheduler, names, step, after, rank, world, fsdp, carry
+) -> None:
+    from safetensors.torch import save_file
+
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        ctx = FSDP.summon_full_params(inner, writeback=False, rank0_only=True)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if rank == 0:
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in spec.export_fn(inner).items()}
+            save_file(tensors, str(tmp / TRAINABLE_FILE))
+    opt = optimizer.state_dict()
+    tensors = {}
+    for idx, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[idx]}::{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / (f"optimizer.rank{rank}.safetensors" if fsdp else "optimizer.safetensors")))
+    if rank == 0:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        state = {
+            "step": step,
+            "epoch": after[0],
+            "step_in_epoch": after[1],
+            "world_size": world,
+            "batch_size": spec.batch_size,
+            "micro_batch_size": spec.micro_batch_size,
+            "param_names": names,
+            "optimizer_param_groups": groups,
+            "scheduler": _jsonable(scheduler.state_dict()),
+            "carry": _jsonable(carry),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not callable(v)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    return obj
+
+
+def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, Any] | None:
+    """Load trainable tensors into ``model`` (before DDP wrap); returns the state dict or None."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and spec.resume_from:
+        checkpoint = ray.train.Checkpoint(spec.resume_from)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        state = json.loads((d / STATE_FILE).read_text())
+        if (state["world_size"], state["batch_size"], state["micro_batch_size"]) != (
+            world,
+            spec.batch_size,
+            spec.micro_batch_size,
+        ):
+            raise ValueError(
+                f"checkpoint {checkpoint.path} was written with world_size={state['world_size']}, "
+                f"batch_size={state['batch_size']}, micro_batch_size={state['micro_batch_size']}; resuming "
+                f"needs the same (got {world}, {spec.batch_size}, {spec.micro_batch_size})"
+            )
+        spec.import_fn(model, load_file(str(d / TRAINABLE_FILE)))
+        opt_file = d / "optimizer.safetensors"
+        if not opt_file.exists():
+            opt_file = d / f"optimizer.rank{rank}.safetensors"
+        state["optimizer_tensors"] = load_file(str(opt_file))
+    return state
+
+
+def _restore_optimizer(optimizer, scheduler, names: list[str], state: dict[str, Any]) -> None:
+    index = {n: i for i, n in enumerate(names)}
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state["optimizer_tensors"].items():
+        name, field_name = key.rsplit("::", 1)
+        per_param.setdefault(index[name], {})[field_name] = value
+    current = optimizer.state_dict()
+    groups = []
+    for group, saved in zip(current["param_groups"], state["optimizer_param_groups"], strict=True):
+        restored = {**group, **saved, "params": group["params"]}
+        if "betas" in restored:
+            restored["betas"] = tuple(restored["betas"])
+        groups.append(restored)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,104 @@
+"""The quality probe: AUC definition, corrupted twins, the same score as the scoring stage, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selectmoe.probe import build_probe_set, mann_whitney_auc
+
+
+def _brute_auc(pos, neg):
+    pairs = list(itertools.product(pos, neg))
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+
+
+def test_mann_whitney_matches_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, 5, size=17).astype(float)
+    neg = rng.integers(0, 5, size=11).astype(float)
+    assert mann_whitney_auc(pos, neg) == pytest.approx(_brute_auc(pos, neg))
+    assert mann_whitney_auc([2, 3], [0, 1]) == 1.0
+    assert mann_whitney_auc([0, 1], [2, 3]) == 0.0
+    assert mann_whitney_auc([1, 1], [1]) == 0.5
+
+
+def _records(n):
+    return [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                     {"role": "assistant", "content": f"{i} plus {i} is {2 * i} because we add"}]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_probe_set_twins_and_donors():
+    items = build_probe_set(_records(5), seed=3)
+    assert len(items) == 5 * 5
+    kinds = {it["kind"] for it in items}
+    assert kinds == {"clean", "shuffle_words", "swap_response", "truncate", "noise"}
+    by_pair = {}
+    for it in items:
+        by_pair.setdefault(it["pair"], {})[it["kind"]] = it["messages"][-1]["content"]
+    for twins in by_pair.values():
+        for kind in ("shuffle_words", "swap_response", "truncate", "noise"):
+            assert twins[kind] != twins["clean"], kind
+    assert build_probe_set(_records(5), seed=3) == items  # deterministic
+
+
+@pytest.fixture(scope="module")
+def selector_dir(tmp_path_factory):
+    from selectmoe.model.tiny import build_tiny_select_moe, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("probe")
+    texts = [m["content"] for r in _records(40) for m in r["messages"]]
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    model = build_tiny_select_moe(tok, seed=0)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root
+
+
+def test_probe_uses_the_scoring_definition(selector_dir):
+    """The probe's per-sample score is exactly the scoring stage's ``quality`` (same encoder + scope)."""
+    from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
+    from selectmoe.model import load_selector
+    from selectmoe.probe import ProbeEval, probe, score_messages
+    from selectmoe.stages.score import score_batch
+
+    model, tok, _ = load_selector(selector_dir / "model")
+    with torch.no_grad():  # make the gates differ per token so the score is not constant
+        for name, p in model.named_parameters():
+            if "quality_gate" in name:
+                p.normal_(0, 0.5)
+    enc = ChatEncoder(tok, EncodingSpec(max_length=64, label_mode="full_sequence_mask_tags"))
+    recs = _records(6)
+    got = score_messages(model, enc, [r["messages"] for r in recs], batch_size=4)
+    for i, r in enumerate(recs):  # one at a time, unpadded
+        e = enc.encode(r["messages"])
+        b = pad_batch([e], tok.pad_token_id)
+        ref = score_batch(
+            model, b["input_ids"], b["attention_mask"], b["labels"], scope=model.config.quality_token_scope
+        )
+        assert got[i] == pytest.approx(float(ref["quality"][0]), abs=1e-5)
+
+    result = probe(model, enc, build_probe_set(recs, seed=0))
+    assert 0.0 <= result["probe_auc"] <= 1.0
+    assert set(result["per_corruption"]) == {"shuffle_words", "swap_response", "truncate", "noise"}
+    flat = ProbeEval(recs, str(selector_dir / "model"), enc.spec.to_dict(), seed=0)(model)
+    assert flat["probe_auc"] == pytest.approx(result["probe_auc"])
+    assert "probe_auc_noise" in flat
+
+
+def test_probe_cli(selector_dir, tmp_path, capsys):
+    from selectmoe.probe import probe_main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
+    assert probe_main([str(selector_dir / "model"), str(pool), "--n", "6", "--seed", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_clean"] == 6 and out["n_corrupt"] == 24
+    assert 0.0 <= out["probe_auc"] <= 1.0
