@@ -1,0 +1,247 @@
+"""Score stage: scoring values, exact id coverage, idempotent reruns, resume after a killed actor / job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from selectmoe.config import ScoreConfig
+from selectmoe.router_data import load_router_data
+
+MAX_LENGTH = 40  # small, so some samples get truncated (flagged, never dropped)
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "data",
+    "router",
+    "expert",
+    "token",
+    "gate",
+    "quality",
+    "score",
+    "sample",
+    "answer",
+    "question",
+    "why",
+    "how",
+]
+
+
+def _record(i: int, rng: np.random.Generator, prefix: str) -> dict:
+    n_user, n_asst = int(rng.integers(2, 12)), int(rng.integers(2, 30))
+    return {
+        "dataset": f"ds{i % 2}",
+        "id": f"{prefix}-{i}",
+        "messages": [
+            {"role": "user", "content": " ".join(rng.choice(WORDS, n_user))},
+            {"role": "assistant", "content": " ".join(rng.choice(WORDS, n_asst))},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory):
+    """A tiny Select-MoE selector artefact (non-default EncodingSpec) and a 3-file pool with bad rows."""
+    from selectmoe.data.encoding import EncodingSpec
+    from selectmoe.model import save_selector
+    from selectmoe.model.tiny import build_tiny_select_moe, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("score")
+    rng = np.random.default_rng(0)
+    pool = root / "pool"
+    pool.mkdir()
+    files, texts = [], []
+    for f, n in enumerate((9, 7, 5)):
+        lines = [json.dumps(_record(i, rng, f"f{f}")) for i in range(n)]
+        texts += [" ".join(m["content"] for m in json.loads(x)["messages"]) for x in lines]
+        if f == 1:  # one unparsable line and one row without an assistant turn
+            lines.insert(2, "{not json")
+            lines.append(
+                json.dumps({"dataset": "ds0", "id": "bad", "messages": [{"role": "user", "content": "x"}]})
+            )
+        path = pool / f"part{f}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        files.append(str(path))
+    tokenizer = train_bpe_tokenizer([*texts, "<|user|>\n <|assistant|>\n <|system|>\n"] * 4, vocab_size=600)
+    model = build_tiny_select_moe(tokenizer, seed=0)
+    base = root / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    from selectmoe.model import export_trainable
+
+    selector = root / "selector"
+    save_selector(
+        selector,
+        base_model_dir=str(base),
+        trainable_mode="full_rank",
+        tensors=export_trainable(model),
+        encoding=EncodingSpec(max_length=MAX_LENGTH).to_dict(),
+        tokenizer=tokenizer,
+    )
+    return {"root": root, "pool": files, "model_dir": str(selector), "n_valid": 9 + 7 + 5}
+
+
+def _cfg(artefact, name: str, **kw) -> ScoreConfig:
+    root = artefact["root"]
+    return ScoreConfig(
+        model_dir=artefact["model_dir"],
+        pool=artefact["pool"],
+        data_format="auto",
+        strict=False,
+        ingest_dir=str(root / "ingest"),
+        output_dir=str(root / name),
+        batch_size=4,
+        concurrency=1,
+        use_gpu=None,
+        dtype="auto",
+        sort_window=8,
+        **kw,
+    )
+
+
+def _ingest_ids(ingest_dir: Path) -> list[str]:
+    from selectmoe.data.ingest import list_shards
+
+    return [
+        i for p in list_shards(ingest_dir) for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()
+    ]
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "shards").glob("*"))}
+
+
+def test_score_batch_same_alone_and_padded(artefact):
+    """The scoring function gives a sample the same scores alone and inside a right-padded batch."""
+    from selectmoe.data.encoding import ChatEncoder, EncodingSpec
+    from selectmoe.stages.score import RouterScorer
+
+    scorer = RouterScorer(artefact["model_dir"], dtype="float32", use_gpu=False)
+    from transformers import AutoTokenizer
+
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(artefact["model_dir"]), EncodingSpec(max_length=256))
+    rng = np.random.default_rng(1)
+    encs = [encoder.encode(_record(i, rng, "p")["messages"]) for i in range(4)]
+    assert len({e.n_tokens for e in encs}) > 1  # really padded
+
+    def table(items):
+        return pa.table(
+            {
+                "id": [f"p{i}" for i in range(len(items))],
+                "dataset": ["d"] * len(items),
+                "n_tokens": pa.array([e.n_tokens for e in items], pa.int32()),
+                "truncated": [e.truncated for e in items],
+                "_shard": ["s"] * len(items),
+                "input_ids": pa.array([e.input_ids for e in items], pa.list_(pa.int32())),
+                "labels": pa.array([e.labels for e in items], pa.list_(pa.int32())),
+            }
+        )
+
+    batch = scorer(table(encs))
+    for i, e in enumerate(encs):
+        alone = scorer(table([e]))
+        for col in ("quality", "quality_layers"):
+            a = np.asarray(alone.column(col).to_pylist(), np.float32)[0]
+            b = np.asarray(batch.column(col).to_pylist(), np.float32)[i]
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        a = np.asarray(alone.column("routing").to_pylist(), np.float32)[0]
+        b = np.asarray(batch.column("routing").to_pylist(), np.float32)[i]
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)  # stored fp16
+
+    # and score_batch itself (fp32, before the fp16 storage cast) on the encoder's own padding
+    from selectmoe.data.encoding import pad_batch
+    from selectmoe.stages.score import score_batch
+
+    padded = pad_batch(encs, scorer.pad_id)
+    full = score_batch(
+        scorer.model, padded["input_ids"], padded["attention_mask"], padded["labels"], scope=scorer.scope
+    )
+    for i, e in enumerate(encs):
+        one = pad_batch([e], scorer.pad_id)
+        single = score_batch(
+            scorer.model, one["input_ids"], one["attention_mask"], one["labels"], scope=scorer.scope
+        )
+        for key in ("quality", "quality_layers", "routing"):
+            np.testing.assert_allclose(single[key][0], full[key][i], atol=1e-5, rtol=0)
+
+
+def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local, monkeypatch):
+    """One flow (each Ray Data run costs seconds): a killed actor + a killed job, the resume, the values,
+    a rerun that scores nothing, and a deleted output shard that alone is redone."""
+    from selectmoe.data.ingest import list_shards
+    from selectmoe.stages.score import CRASH_ONCE_ENV, STOP_AFTER_ENV, ScoreInterrupted, run_score
+
+    cfg = _cfg(artefact, "router")
+    out = Path(cfg.output_dir)
+    ingest_ids = None
+
+    # 1. the first scorer batch kills its actor (Ray restarts it and retries the task), and the driver
+    #    dies after the first finished shard
+    marker = artefact["root"] / "crash.marker"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(ScoreInterrupted):
+        run_score(cfg)
+    assert marker.exists()  # the actor really died once
+    assert len(list((out / "shards").glob("*.done.json"))) == 1
+    assert not list((out / "shards").glob("*.tmp"))  # no half shard left behind
+    assert not (out / "_manifest.json").exists()
+
+    # 2. the rerun resumes: only the two unfinished shards are scored
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    res = run_score(cfg)
+    summary = res.summary()
+    assert summary["shards_scored"] == 2 and summary["shards_skipped"] == 1
+    assert res.rows == artefact["n_valid"] and 0 < res.rows_scored < res.rows
+    assert res.tokens_scored > 0 and res.tokens_per_s > 0
+
+    # rejected rows: listed by ingest with file/line/reason, counted here and in the manifest
+    assert res.rejected == 2
+    rejected = [json.loads(x) for x in Path(res.rejected_path).read_text().splitlines() if x.strip()]
+    assert len(rejected) == 2
+    assert all(r["file"].endswith("part1.jsonl") and r["line"] and r["reason"] for r in rejected)
+    assert sorted(r["line"] for r in rejected) == [3, 9]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["stage"] == "score"
+    assert manifest["counts"]["rejected"] == 2 and manifest["counts"]["rows"] == artefact["n_valid"]
+    assert manifest["extra"]["model_fingerprint"] == res.model_fingerprint
+
+    # exact coverage: one output shard per ingest shard, ids == ingest ids, no duplicates, no gaps
+    ingest_ids = _ingest_ids(Path(cfg.ingest_dir))
+    data = load_router_data(out, mmap=False)
+    assert len(data) == len(ingest_ids) == artefact["n_valid"]
+    assert len(set(data.ids)) == len(data.ids) and set(data.ids) == set(ingest_ids)
+    assert [p.name for p in data.shards] == [p.name for p in list_shards(cfg.ingest_dir)]
+
+    # values: quality in (0, 1) and the mean of its layers; routing rows sum to 1 per layer
+    L, E = data.num_layers, data.num_experts
+    assert np.all((data.quality > 0) & (data.quality < 1))
+    np.testing.assert_allclose(data.quality, data.quality_layers.mean(axis=1), atol=1e-6)
+    sums = np.asarray(data.routing, np.float32).reshape(-1, L, E).sum(-1)
+    np.testing.assert_allclose(sums, 1.0, atol=E * 1e-3)
+    # the selector's EncodingSpec (max_length=40) was used: lengths capped and truncation flagged
+    assert data.n_tokens.max() <= MAX_LENGTH and data.truncated.any() and not data.truncated.all()
+    assert np.all(data.n_tokens[data.truncated] == MAX_LENGTH)
+
+    # 3. rerun: nothing rescored, files untouched
+    before = _mtimes(out)
+    res2 = run_score(cfg)
+    assert res2.summary()["shards_scored"] == 0 and len(res2.shards_skipped) == 3 and res2.rows_scored == 0
+    assert _mtimes(out) == before
+
+    # 4. delete one output shard -> exactly that shard is redone
+    victim = sorted((out / "shards").glob("*.parquet"))[1]
+    victim.unlink()
+    res3 = run_score(cfg)
+    assert res3.shards_scored == [victim.name.removesuffix(".parquet")]
+    after = _mtimes(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {victim.name, victim.name.removesuffix(".parquet") + ".done.json"}
+    data3 = load_router_data(out, mmap=False)
+    assert len(data3.ids) == len(set(data3.ids)) and sorted(data3.ids) == sorted(ingest_ids)

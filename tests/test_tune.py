@@ -1,0 +1,73 @@
+"""A 4-trial Ray Tune sweep over the warmup (tiny model, tiny max_steps) picks the best trial by the metric."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selectmoe.config import PipelineConfig, WarmupConfig
+
+
+def test_to_domain_and_overrides():
+    from ray.tune.search.sample import Categorical, Float
+
+    from selectmoe.tune import apply_overrides, to_domain
+
+    assert isinstance(to_domain(["a", "b"]), Categorical)
+    assert isinstance(to_domain({"loguniform": [1e-4, 1e-3]}), Float)
+    assert isinstance(to_domain({"uniform": [0.0, 1.0]}), Float)
+    assert to_domain(3) == 3
+    base = WarmupConfig(model_dir="m", pool=["p"], data_format="auto", strict=False, ingest_dir="i", output_dir="o",
+                        storage_path="s", seed=1)  # fmt: skip
+    cfg = apply_overrides(base, {"quality_loss.type": "mse", "lr": 0.5})
+    assert cfg.quality_loss.type == "mse" and cfg.lr == 0.5 and cfg.model_dir == "m"
+    with pytest.raises(KeyError, match="nope"):
+        apply_overrides(base, {"nope.x": 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    from selectmoe.data.demo_pool import build_demo_pool
+    from selectmoe.data.ingest import ensure_ingested, iter_ingested_records
+    from selectmoe.model.tiny import build_tiny_select_moe, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tune")
+    pool = build_demo_pool(root / "pool", n_clean=48, bad_fraction=0.25, seed=0)
+    ingest = ensure_ingested([str(p) for p in pool.all_paths], root / "ingest")
+    texts = [m["content"] for r in iter_ingested_records(ingest.out_dir) for m in r["messages"]]
+    tok = train_bpe_tokenizer(texts, vocab_size=400)
+    model = build_tiny_select_moe(tok, seed=0)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root, [str(p) for p in pool.all_paths]
+
+
+def test_tune_sweep_picks_best(ray_local, tiny_assets):
+    from selectmoe.tune import run_tune
+
+    root, pool = tiny_assets
+    warmup = WarmupConfig(
+        model_dir=str(root / "model"), pool=pool, data_format="auto", strict=False,
+        ingest_dir=str(root / "ingest"), output_dir=str(root / "unused"), storage_path=str(root / "unused_rr"),
+        trainable="gates_only", epochs=1, batch_size=8, micro_batch_size=4, max_length=96, max_steps=2,
+        gradient_checkpointing=False, checkpoint_every=100, log_every=1, probe_samples=8, num_workers=1,
+        use_gpu=False, seed=0,
+    )  # fmt: skip
+    cfg = PipelineConfig(output_dir=str(root), seed=0, warmup=warmup)
+    cfg.tune.output_dir = str(root / "tune")
+    cfg.tune.num_samples = 4
+    cfg.tune.param_space = {"quality_loss.type": ["sigmoid", "mse"], "lr": {"loguniform": [1e-3, 1e-2]}}
+    result = run_tune(cfg)
+    print(result)
+    assert result.n_trials == 4
+    ok = [r for r in result.rows if r["status"] == "ok"]
+    assert len(ok) == 4
+    best = max(r["probe_auc"] for r in ok)
+    assert result.best_metric == pytest.approx(best)
+    saved = json.loads((root / "tune" / "best_config.json").read_text())
+    assert saved["value"] == pytest.approx(best)
+    assert saved["warmup_config"]["quality_loss"]["type"] == saved["params"]["quality_loss.type"]
+    assert (root / "tune" / "results.csv").read_text().count("\n") == 5
+    assert (root / "tune" / "_manifest.json").is_file()
+    assert (root / "tune" / "trials").is_dir() and len(list((root / "tune" / "trials").iterdir())) == 4
