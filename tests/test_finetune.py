@@ -1,0 +1,211 @@
+"""Finetune stage: LoRA on the tiny dense target through the Ray Train loop (one fit for the module)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from selectmoe.config import FinetuneConfig
+from selectmoe.stages.finetune import (
+    LoraModelFactory,
+    check_batch_arithmetic,
+    export_lora,
+    import_lora,
+    prepare_tokenizer,
+    run_finetune,
+)
+from selectmoe.training.batching import grad_accum_steps
+
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable pattern: the answer repeats the colour named in the question."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color = rng.choice(COLORS)
+        rows.append(
+            {
+                "dataset": "toy",
+                "id": f"toy-{i}",
+                "scores": [rng.random()],
+                "cluster": i % 4,
+                "messages": [
+                    {"role": "user", "content": f"What colour is the {color} ball?"},
+                    {"role": "assistant", "content": f"The ball is {color}. It is {color}."},
+                ],
+            }
+        )
+    return rows
+
+
+def write_selection(path: Path, n: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    return path
+
+
+def build_tiny_target(out_dir: Path) -> Path:
+    """Tokenizer + tiny Llama target saved in ``out_dir`` (``selectmoe.model.tiny``)."""
+    from selectmoe.model.tiny import build_tiny_dense_target, train_bpe_tokenizer
+
+    texts = [m["content"] for r in _rows(200, seed=1) for m in r["messages"]]
+    texts += ["<|user|>", "<|assistant|>", "The following are multiple choice questions", "Answer: A B C D"]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=320)
+    model = build_tiny_dense_target(tokenizer, arch="llama", seed=0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory) -> Path:
+    return build_tiny_target(tmp_path_factory.mktemp("ft_target") / "target")
+
+
+def _cfg(tmp: Path, target: Path, sel: Path, **overrides) -> FinetuneConfig:
+    base = dict(
+        base_model=str(target),
+        train_files={"sel": str(sel)},
+        output_dir=str(tmp / "finetune"),
+        storage_path=str(tmp / "ray_results"),
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lr=5e-3,
+        epochs=2,
+        batch_size=8,
+        micro_batch_size=4,
+        max_length=64,
+        warmup_ratio=0.1,
+        num_workers=1,
+        use_gpu=False,
+        checkpoint_every=100,
+        log_every=1,
+        seed=0,
+    )
+    base.update(overrides)
+    return FinetuneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tiny_target, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft_run")
+    sel = write_selection(tmp / "selected_data.jsonl", 64)
+    cfg = _cfg(tmp, tiny_target, sel)
+    return cfg, run_finetune(cfg)
+
+
+def test_lora_finetune_lowers_loss_and_writes_manifests(trained):
+    cfg, result = trained
+    run = result.runs["sel"]
+    assert run.n_rows == 64 and run.steps == 16  # 64 rows / batch 8 x 2 epochs
+    assert run.n_tokens > 64 * 10 and 0 < run.n_label_tokens < run.n_tokens  # assistant_only labels
+    assert len(run.losses) == 16
+    assert run.last_loss < run.first_loss - 0.5, run.losses  # measured: 5.81 -> 4.90
+    manifest = json.loads((Path(cfg.output_dir) / "sel" / "_manifest.json").read_text())
+    assert manifest["stage"] == "finetune"
+    assert manifest["counts"]["rows"] == 64 and manifest["counts"]["steps"] == 16
+    assert manifest["extra"]["first_loss"] == pytest.approx(run.first_loss)
+    overall = json.loads((Path(cfg.output_dir) / "_manifest.json").read_text())
+    assert overall["counts"]["runs"] == 1 and "sel" in overall["extra"]["runs"]
+    assert set(result.summary()["runs"]["sel"]) >= {"rows", "steps", "first_loss", "last_loss"}
+
+
+def test_adapter_reloads_with_identical_logits(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.training.loop import TRAINABLE_FILE
+
+    cfg, result = trained
+    run = result.runs["sel"]
+    adapter = Path(run.adapter_dir)
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "tokenizer.json").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+
+    # "the trained model": a fresh LoRA model with the final checkpoint's tensors
+    ckpt = json.loads((Path(cfg.output_dir) / "sel" / "_manifest.json").read_text())["extra"]["checkpoint"]
+    from safetensors.torch import load_file
+
+    factory = LoraModelFactory(cfg.base_model, 8, 16, 0.0, list(cfg.lora_target_modules))
+    trained_model = factory()
+    import_lora(trained_model, load_file(str(Path(ckpt) / TRAINABLE_FILE)))
+    assert any(v.abs().sum() > 0 for k, v in export_lora(trained_model).items() if "lora_B" in k)
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(adapter))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    trained_model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        a = trained_model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)(
+            input_ids=ids
+        ).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, plain)  # the adapter changes the model
+
+    # lm-eval's HF backend loads the same adapter with peft=
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=cfg.base_model, peft=str(adapter), dtype="float32", device="cpu", batch_size=1)
+    with torch.no_grad():
+        c = lm.model(input_ids=ids).logits
+    assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_selection_smaller_than_one_global_batch_is_an_error(ray_local, tiny_target, tmp_path):
+    sel = write_selection(tmp_path / "small.jsonl", 5)
+    cfg = _cfg(tmp_path, tiny_target, sel)
+    with pytest.raises(
+        ValueError, match=r"5 selected rows do not fill one global batch of finetune.batch_size=8"
+    ):
+        run_finetune(cfg)
+
+
+def test_batch_arithmetic_is_exact():
+    assert grad_accum_steps(128, 4, 1) == 32
+    assert grad_accum_steps(128, 4, 4) == 8
+    cfg = FinetuneConfig(batch_size=128, micro_batch_size=4, num_workers=2)
+    assert check_batch_arithmetic(cfg, 1000) == 16
+    with pytest.raises(ValueError, match=r"lower finetune\.batch_size"):
+        check_batch_arithmetic(cfg, 100, name="sel", path="x.jsonl")
+    with pytest.raises(ValueError, match=r"batch_size=128 is not divisible by micro_batch_size=3"):
+        check_batch_arithmetic(FinetuneConfig(batch_size=128, micro_batch_size=3, num_workers=1), 1000)
+
+
+def test_missing_selection_file_is_an_error(tmp_path):
+    cfg = FinetuneConfig(train_files={"sel": str(tmp_path / "nope.jsonl")}, output_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        run_finetune(cfg)
+
+
+def test_pad_token_added_embeddings_resized_and_frozen(tiny_target, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_target)
+    tok.pad_token = None
+    base = tmp_path / "nopad"
+    tok.save_pretrained(base)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_target).save_pretrained(base)
+    cfg = FinetuneConfig(base_model=str(base))
+    tokenizer, added = prepare_tokenizer(cfg)
+    assert added and tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == len(tokenizer) - 1
+    factory = LoraModelFactory(
+        str(base), 4, 8, 0.0, ["q_proj", "v_proj"], len(tokenizer), tokenizer.pad_token_id
+    )
+    model = factory()
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("embed" in k or "lm_head" in k for k in export_lora(model))
