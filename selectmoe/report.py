@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from selectmoe.config import PipelineConfig
+from selectmoe.config import STAGES, PipelineConfig
 from selectmoe.manifest import read_manifest
 
 
@@ -166,10 +166,12 @@ def build_run_report(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _timings(report: Report, cfg: PipelineConfig) -> None:
     rows = []
-    for rec in sorted((Path(cfg.output_dir) / "_pipeline").glob("*.json")):
-        data = json.loads(rec.read_text())
-        rows.append([rec.stem, data.get("wall_s")])
+    for stage in ("demo", *STAGES):  # pipeline order
+        rec = Path(cfg.output_dir) / "_pipeline" / f"{stage}.json"
+        if rec.is_file():
+            rows.append([stage, json.loads(rec.read_text()).get("wall_s")])
     if rows:
+        rows.append(["total", round(sum(float(r[1] or 0.0) for r in rows), 3)])
         report.table("Stage timings (s)", ["stage", "wall s"], rows)
 
 
@@ -247,7 +249,8 @@ def _bad_kept(report: Report, cfg: PipelineConfig) -> None:
     for path in sorted(Path(cfg.select.output_dir).glob("selected*.jsonl")):
         ids = [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
         bad = sum(1 for i in ids if labels.get(i, "clean") != "clean")
-        rows.append([path.stem, len(ids), bad / max(len(ids), 1)])
+        name = f"{path.stem} ({cfg.select.policy})" if path.stem == "selected_data" else path.stem
+        rows.append([name, len(ids), bad / max(len(ids), 1)])
     report.table(
         "Known-bad share (demo labels, hidden from the pipeline)", ["set", "samples", "bad share"], rows
     )

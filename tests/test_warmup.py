@@ -24,15 +24,18 @@ def assets(tmp_path_factory):
     demo = prepare_demo_assets(
         DemoConfig(
             dir=str(root / "demo"),
-            n_clean=120,
+            n_clean=240,
             n_eval=8,
-            vocab_size=384,
-            pretrain_steps=40,
-            pretrain_batch_size=8,
+            vocab_size=512,
+            pretrain_steps=60,
+            pretrain_batch_size=16,
         ),
         seed=0,
     )
-    convert_olmoe(demo.olmoe_dir, root / "converted")
+    # Gate weights start at exactly zero: every token gets the same g = sigmoid(bias), so the untrained
+    # model's probe has no signal (AUC ~0.5: scores tie up to float rounding of the token mean) and any
+    # signal above it is learned by the warmup.
+    convert_olmoe(demo.olmoe_dir, root / "converted", gate_init_std=0.0)
     print(f"assets built in {time.perf_counter() - t0:.1f}s: {demo.summary()}")
     return {"root": root, "pool": demo.pool_dir, "model": str(root / "converted")}
 
@@ -90,13 +93,13 @@ def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
     from selectmoe.stages.warmup import run_warmup
 
     t0 = time.perf_counter()
-    res = run_warmup(_cfg(assets, tmp_path / "w"))
+    res = run_warmup(_cfg(assets, tmp_path / "w", epochs=3, lr=1e-2, probe_samples=48))
     print(f"warmup 2 workers: {time.perf_counter() - t0:.1f}s {res.summary()} {res.probe}")
-    assert res.steps == res.n_train_rows // 16 > 0
+    assert res.steps == 3 * (res.n_train_rows // 16) > 0
     before, after = res.probe["probe_auc_before"], res.probe["probe_auc"]
-    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0 and after != before  # the probe ran and moved
-    # This fixture (40 pre-training steps, 8 warmup steps) is too small to learn a quality signal
-    # (measured 0.522 -> 0.482); the improvement is asserted on the reduced demo in test_job_submit.py.
+    # The gates learn a label-free quality signal: AUC of clean vs corrupted held-out twins rises.
+    # Measured: 0.491 -> 0.641 (noise twins 0.64 -> 0.84, paired win rate 0.48 -> 0.79).
+    assert after > max(before, 0.5) + 0.05, res.probe
     assert set(res.probe["per_corruption"]) == {"shuffle_words", "swap_response", "truncate", "noise"}
     for key in ("lm_loss", "quality_loss", "tokens_per_s", "g_mean_l0"):
         assert key in res.metrics, key
