@@ -127,7 +127,7 @@ def main() -> None:
         )
         import ray
 
-        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
         t_ray, sw2 = _time(lambda: sweep_k(X, ks, n_init=1, max_iter=50, num_actors=args.threads))
         ray.shutdown()
         same = all(np.array_equal(sw.labels[k_], sw2.labels[k_]) for k_ in ks)

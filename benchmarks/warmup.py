@@ -157,7 +157,7 @@ def cpu_compare(args) -> dict:
         torch.set_num_threads(1)  # a Ray worker with 1 CPU gets 1 thread: compare like with like
         bare = bare_loop(factory, rows, spec=spec, warmup_steps=args.log_every)
         if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         train = ray_loop(spec, rows, str(Path(tmp) / "ray"))
     return {
         "mode": "cpu_compare",

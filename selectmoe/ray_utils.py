@@ -39,7 +39,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address="auto", **kwargs)
         logger.info("joined the running local Ray head")
     except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         logger.info("started an in-process Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     return ray
 

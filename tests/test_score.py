@@ -171,6 +171,7 @@ def test_score_batch_same_alone_and_padded(artefact):
             np.testing.assert_allclose(single[key][0], full[key][i], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local, monkeypatch):
     """One flow (each Ray Data run costs seconds): a killed actor + a killed job, the resume, the values,
     a rerun that scores nothing, and a deleted output shard that alone is redone."""

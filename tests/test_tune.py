@@ -43,6 +43,7 @@ def tiny_assets(tmp_path_factory):
     return root, [str(p) for p in pool.all_paths]
 
 
+@pytest.mark.slow
 def test_tune_sweep_picks_best(ray_local, tiny_assets):
     from selectmoe.tune import run_tune
 

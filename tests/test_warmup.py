@@ -88,6 +88,7 @@ def _check_artefact(model_dir: str, base_dir: str, mode: str):
     assert tok.pad_token_id is not None
 
 
+@pytest.mark.slow
 def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
     from selectmoe.manifest import read_manifest
     from selectmoe.stages.warmup import run_warmup
@@ -110,6 +111,7 @@ def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
     _check_artefact(res.model_dir, assets["model"], "full_rank")
 
 
+@pytest.mark.slow
 def test_warmup_lora_fail_once_resumes(ray_local, assets, tmp_path, monkeypatch):
     """Rank 0 raises once after step 3; Ray Train restarts from the step-2 checkpoint, ends at step 4."""
     from selectmoe.stages.warmup import run_warmup
