@@ -17,11 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from selectmoe.tune import run_tune
-
     from selectmoe.config import load_config
     from selectmoe.pipeline import run_pipeline
     from selectmoe.ray_utils import init_ray
+    from selectmoe.tune import run_tune
 
     cfg = load_config(args.config, args.overrides)
     run_pipeline(cfg)  # the stages the tune preset lists (demo assets, ingest, convert): skipped if done
