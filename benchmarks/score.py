@@ -146,6 +146,24 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu: bool) -> ScoreConfig:
+    """The one score config both modes benchmark: one replica, fp32 on CPU, bf16 on GPU."""
+    return ScoreConfig(
+        model_dir=str(model_dir),
+        pool=pool,
+        data_format="auto",
+        strict=False,
+        ingest_dir=str(work / "ingest"),
+        output_dir=str(work / "router"),
+        batch_size=args.batch_size,
+        concurrency=1,
+        num_gpus_per_replica=1.0,
+        use_gpu=use_gpu,
+        dtype="bfloat16" if use_gpu else "float32",
+        sort_window=args.sort_window,
+    )
+
+
 def tokenised_batches(cfg: ScoreConfig, use_gpu: bool):
     from selectmoe.data.ingest import ensure_ingested, list_shards
 
@@ -208,20 +226,7 @@ def cpu_mode(args) -> dict:
     tokenizer.save_pretrained(model_dir)
     del model
     start_ray(args.num_cpus)
-    cfg = ScoreConfig(
-        model_dir=str(model_dir),
-        pool=pool,
-        data_format="auto",
-        strict=False,
-        ingest_dir=str(work / "ingest"),
-        output_dir=str(work / "router"),
-        batch_size=args.batch_size,
-        concurrency=1,
-        num_gpus_per_replica=1.0,
-        use_gpu=False,
-        dtype="float32",
-        sort_window=args.sort_window,
-    )
+    cfg = score_config(model_dir, pool, work, args, use_gpu=False)
     batches = tokenised_batches(cfg, use_gpu=False)
     from selectmoe.stages.score import _resources
 
@@ -329,20 +334,7 @@ def gpu_mode(args) -> dict:
     tok_dir = work / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     start_ray(args.num_cpus)
-    cfg = ScoreConfig(
-        model_dir=str(tok_dir),
-        pool=pool,
-        data_format="auto",
-        strict=False,
-        ingest_dir=str(work / "ingest"),
-        output_dir=str(work / "router"),
-        batch_size=args.batch_size,
-        concurrency=1,
-        num_gpus_per_replica=1.0,
-        use_gpu=True,
-        dtype="bfloat16",
-        sort_window=args.sort_window,
-    )
+    cfg = score_config(tok_dir, pool, work, args, use_gpu=True)
     batches = tokenised_batches(cfg, use_gpu=True)
     torch.cuda.reset_peak_memory_stats()
     scorer = RandomOlmoeScorer(str(tok_dir), config=OLMOE_1B_7B, dtype="bfloat16", use_gpu=True)
