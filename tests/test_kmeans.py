@@ -87,3 +87,23 @@ def test_registry():
     assert get_clusterer("mine") is spherical_kmeans
     with pytest.raises(ValueError, match="unknown"):
         get_clusterer("nope")
+
+
+def test_incremental_cluster_sums_match_full_recomputation():
+    """The CPU Lloyd loop updates sums from the rows that moved; they must equal a fresh index_add_."""
+    from selectmoe.cluster.kmeans import _cluster_sums
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(5000, 32, generator=gen)
+    labels = torch.randint(0, 7, (5000,), generator=gen)
+    sums = _cluster_sums(X, labels, 7, None)
+    for _ in range(6):  # a few updates, each moving ~10% of the rows, one cluster emptied
+        new = labels.clone()
+        moved = torch.rand(5000, generator=gen) < 0.1
+        new[moved] = torch.randint(0, 7, (int(moved.sum()),), generator=gen)
+        new[new == 3] = 4
+        sums = _cluster_sums(X, new, 7, (labels, sums))
+        labels = new
+    full = torch.zeros(7, 32).index_add_(0, labels, X)
+    assert torch.allclose(sums, full, atol=1e-3), (sums - full).abs().max()
+    assert float(sums[3].abs().max()) < 1e-3  # the emptied cluster's sum returns to ~0

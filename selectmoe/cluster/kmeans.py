@@ -57,12 +57,12 @@ def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None
     best = torch.empty(n, dtype=X.dtype, device=X.device)
     step = _chunk_rows(C.shape[0])
     Ct = C.t().contiguous()
+    block = torch.empty(min(step, n), C.shape[0], dtype=X.dtype, device=X.device)  # reused: no allocs
     for start in range(0, n, step):
         xc = X[start : start + step]
-        sim = torch.mm(xc, Ct)
-        b, lab = sim.max(dim=1)
-        labels[start : start + step] = lab
-        best[start : start + step] = b
+        sim = torch.mm(xc, Ct, out=block[: xc.shape[0]])
+        lab = labels[start : start + step]
+        torch.max(sim, dim=1, out=(best[start : start + step], lab))
         if sums is not None:
             # Cluster sums as a one-hot GEMM (onehotᵀ · x): deterministic on CUDA, where index_add_ uses
             # float atomics. On CPU the caller uses one index_add_ over all rows instead (measured 2.5x
@@ -79,13 +79,13 @@ def _inertia(best: torch.Tensor) -> float:
 
 # k-means++ seeds on at most this many rows per centre (a seeded subsample): seeding is K sequential
 # memory-bound passes, so on the full data it costs more than several Lloyd iterations.
-_SEED_ROWS_PER_CENTRE = 256
+_SEED_ROWS_PER_CENTRE = 128
 
 
 def _kmeanspp(X: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ on cosine distance: the next centre is drawn with probability ∝ 1 − max cos to the
     chosen centres (for unit vectors that is half the squared Euclidean distance, i.e. the classic D²).
-    Runs on a subsample of ``256·k`` rows (drawn with ``gen``) when the data is larger."""
+    Runs on a subsample of ``128·k`` rows (drawn with ``gen``) when the data is larger."""
     if X.shape[0] > _SEED_ROWS_PER_CENTRE * k:
         sub = torch.randperm(X.shape[0], generator=gen)[: _SEED_ROWS_PER_CENTRE * k]
         X = X[sub.sort().values.to(X.device)]
@@ -111,19 +111,44 @@ def _normalise(C: torch.Tensor) -> torch.Tensor:
     return C / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+# CPU cluster sums are updated incrementally (add the rows that changed cluster to their new sum,
+# subtract them from their old one) while few rows move, which after the first iterations is a small
+# fraction of a full index_add_ pass. A full recomputation every _FULL_SUMS_EVERY updates, or when more
+# than half the rows moved, bounds the fp32 drift of the running sums.
+_FULL_SUMS_EVERY = 8
+
+
+def _cluster_sums(
+    X: torch.Tensor, labels: torch.Tensor, k: int, prev: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """Per-cluster row sums [K, D] for ``labels`` (CPU), from ``prev = (labels, sums)`` when cheaper."""
+    if prev is not None:
+        prev_labels, prev_sums = prev
+        moved = torch.nonzero(labels != prev_labels).flatten()
+        if 2 * len(moved) <= len(labels):
+            sums = prev_sums.clone()
+            rows = X[moved]
+            sums.index_add_(0, labels[moved], rows)
+            sums.index_add_(0, prev_labels[moved], rows, alpha=-1)
+            return sums
+    sums = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device)
+    sums.index_add_(0, labels, X)  # one memory-bound pass, deterministic on CPU (no atomics)
+    return sums
+
+
 def _one_run(X: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Generator):
     C = _kmeanspp(X, k, gen)
     prev_inertia = None
     prev_labels = None
+    prev_sums = None
     n_iter = 0
     labels = best = None
     for _ in range(max_iter):
-        sums = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device)
         if X.is_cuda:
+            sums = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device)
             labels, best = assign(X, C, sums=sums)
         else:
             labels, best = assign(X, C)
-            sums.index_add_(0, labels, X)  # CPU: one memory-bound pass, deterministic (no atomics)
         inertia = _inertia(best)
         if prev_labels is not None and torch.equal(labels, prev_labels):
             break  # fixed point: C already is the normalised mean of these labels
@@ -133,12 +158,17 @@ def _one_run(X: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Gene
             and (prev_inertia - inertia) <= tol * max(prev_inertia, 1e-12)
         ):
             break
+        if not X.is_cuda:
+            incremental = prev_labels is not None and n_iter % _FULL_SUMS_EVERY != 0
+            sums = _cluster_sums(X, labels, k, (prev_labels, prev_sums) if incremental else None)
+        prev_sums = sums
         counts = torch.bincount(labels, minlength=k)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
             # Re-seed each empty cluster with one of the points farthest from their own centroid
             # (smallest best cosine), distinct points, farthest first; ties broken by index (stable sort).
             far = torch.argsort(best, stable=True)[: len(empty)]
+            sums = sums.clone()
             sums[empty] = X[far].to(sums.dtype)
         C = _normalise(sums)
         prev_inertia, prev_labels = inertia, labels
@@ -163,8 +193,9 @@ def spherical_kmeans(
     Each restart ``r`` seeds with k-means++ (cosine distance) from its own ``torch.Generator`` seeded
     with ``seed + r``; the restart with the lowest inertia wins (ties: the lowest ``r``). An iteration
     assigns every row to its most similar centroid (chunked fp32 ``torch.mm``), accumulates the cluster
-    sums (CPU: one ``index_add_``; CUDA: a one-hot GEMM in the same pass, deterministic unlike CUDA
-    ``index_add_``) and renormalises them. k-means++ runs on a seeded subsample of at most 256·k rows.
+    sums (CPU: ``index_add_``, incremental over the rows that moved; CUDA: a one-hot GEMM in the same
+    pass, deterministic unlike CUDA ``index_add_``) and renormalises them. k-means++ runs on a seeded
+    subsample of at most 128·k rows.
     An empty cluster is re-seeded with the points farthest from their assigned centroid (lowest cosine),
     one distinct point per empty cluster.
     Stops at a label fixed point, when the relative inertia decrease is ≤ ``tol`` (``tol=0`` disables
