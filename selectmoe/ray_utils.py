@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import tempfile
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,47 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address=address, **kwargs)
         logger.info("joined Ray cluster at %s", address)
         return ray
-    try:  # a head started with `ray start --head` on this machine
-        ray.init(address="auto", **kwargs)
-        logger.info("joined the running local Ray head")
-    except (ConnectionError, RuntimeError, ValueError):
+    head = running_local_head()
+    if head:  # a head started with `ray start --head` on this machine
+        ray.init(address=head, **kwargs)
+        logger.info("joined the running local Ray head at %s", head)
+    else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         logger.info("started an in-process Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     return ray
+
+
+def _ray_address_file() -> str:
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+    except ImportError:  # older Ray layouts: the documented default location
+        return os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+
+
+def running_local_head(timeout_s: float = 1.0) -> str | None:
+    """GCS address of the head ``ray start --head`` recorded on this machine, if it still answers.
+
+    Why not ``ray.init(address="auto")``: a head that died without ``ray stop`` leaves its address file
+    behind, and "auto" then retries the dead GCS for a minute or more before failing. A one-second TCP
+    probe tells a live head from a stale file.
+    """
+    path = _ray_address_file()
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except OSError:
+        logger.warning("ignoring %s: no Ray head answers at %s (stale file?)", path, address)
+        return None
 
 
 def cluster_gpus() -> float:

@@ -1,0 +1,38 @@
+"""``init_ray`` must tell a live local head from the address file a dead one left behind."""
+
+import socket
+import time
+
+from selectmoe import ray_utils
+
+
+def _address_file(tmp_path, monkeypatch, address: str):
+    path = tmp_path / "ray_current_cluster"
+    path.write_text(address)
+    monkeypatch.setattr(ray_utils, "_ray_address_file", lambda: str(path))
+
+
+def test_stale_address_file_is_ignored_fast(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _address_file(tmp_path, monkeypatch, f"127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    assert ray_utils.running_local_head() is None
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_live_head_address_is_returned(tmp_path, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        _address_file(tmp_path, monkeypatch, address + "\n")
+        assert ray_utils.running_local_head() == address
+
+
+def test_missing_or_garbled_file_means_no_head(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_utils, "_ray_address_file", lambda: str(tmp_path / "absent"))
+    assert ray_utils.running_local_head() is None
+    _address_file(tmp_path, monkeypatch, "not-an-address")
+    assert ray_utils.running_local_head() is None
