@@ -2,8 +2,8 @@
 
 This is the user path of DESIGN §1 row 2 on a real Ray head: the job's driver joins the head through
 RAY_ADDRESS, every stage runs, and the run directory holds the selection, the adapters, the lm-eval
-results and the report. Then, from this process: a rerun does no work, and deleting the score stage's
-outputs reruns score and everything after it, nothing before.
+results and the report. Then, from this process: a rerun does no work, and deleting the select stage's
+outputs reruns select and everything after it, nothing before, with the same selection.
 """
 
 from __future__ import annotations
@@ -131,10 +131,10 @@ def test_ray_job_submit_runs_the_demo_pipeline_and_resumes(ray_head, tmp_path):
 
     assert set(run_cli().values()) == {"skipped"}
 
-    shutil.rmtree(out / "router_data")
+    shutil.rmtree(out / "selection")
     assert run_cli() == {
         "demo": "skipped", "ingest": "skipped", "convert": "skipped", "warmup": "skipped",
-        "score": "ran", "select": "ran", "finetune": "ran", "evaluate": "ran", "report": "ran",
+        "score": "skipped", "select": "ran", "finetune": "ran", "evaluate": "ran", "report": "ran",
     }  # fmt: skip
     # Same inputs + seed => same selection.
     rerun = [
