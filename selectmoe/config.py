@@ -101,6 +101,7 @@ class WarmupConfig:
     max_steps: int = -1  # >0 caps optimizer steps (smoke runs)
     quality_loss: QualityLossConfig = field(default_factory=QualityLossConfig)
     num_workers: int = 1
+    resources_per_worker: dict[str, float] | None = None  # e.g. {CPU: 8, GPU: 1}; None: Ray's default
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
     bf16: bool = True  # bf16 autocast on GPU; trainable params stay fp32
     gradient_checkpointing: bool = True
@@ -180,6 +181,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     max_steps: int = -1
     num_workers: int = 1
+    resources_per_worker: dict[str, float] | None = None  # as in WarmupConfig
     use_gpu: bool | None = None
     bf16: bool = True
     gradient_checkpointing: bool = False

@@ -1,4 +1,5 @@
-"""A 2-trial Ray Tune grid sweep over the warmup (tiny model, tiny max_steps) picks the best trial by the metric."""
+"""A 4-trial Ray Tune sweep (2-point grid x 2 samples) over the warmup (tiny model, tiny max_steps)
+picks the best trial by the metric."""
 
 from __future__ import annotations
 
@@ -57,24 +58,26 @@ def test_tune_sweep_picks_best(ray_local, tiny_assets):
     )  # fmt: skip
     cfg = PipelineConfig(output_dir=str(root), seed=0, warmup=warmup)
     cfg.tune.output_dir = str(root / "tune")
-    # Each trial is a full Ray Train run (~60 s of fixed cost on 2 CPUs), so: a 2-point grid, one sample each.
-    cfg.tune.num_samples = 1
+    # Each trial is a full Ray Train run (~50 s of fixed cost here): half-CPU workers let two run at once.
+    cfg.warmup.resources_per_worker = {"CPU": 0.5}
+    cfg.tune.max_concurrent_trials = 2
+    cfg.tune.num_samples = 2  # x a 2-point grid = 4 trials
     cfg.tune.param_space = {
         "quality_loss.type": {"grid": ["sigmoid", "mse"]},
         "lr": {"loguniform": [1e-3, 1e-2]},
     }
     result = run_tune(cfg)
     print(result)
-    assert result.n_trials == 2
+    assert result.n_trials == 4
     ok = [r for r in result.rows if r["status"] == "ok"]
-    assert len(ok) == 2
-    assert sorted(r["param.quality_loss.type"] for r in ok) == ["mse", "sigmoid"]
+    assert len(ok) == 4
+    assert sorted(r["param.quality_loss.type"] for r in ok) == ["mse", "mse", "sigmoid", "sigmoid"]
     assert all(1e-3 <= r["param.lr"] <= 1e-2 for r in ok)
     best = max(r["probe_auc"] for r in ok)
     assert result.best_metric == pytest.approx(best)
     saved = json.loads((root / "tune" / "best_config.json").read_text())
     assert saved["value"] == pytest.approx(best)
     assert saved["warmup_config"]["quality_loss"]["type"] == saved["params"]["quality_loss.type"]
-    assert (root / "tune" / "results.csv").read_text().count("\n") == 3
+    assert (root / "tune" / "results.csv").read_text().count("\n") == 5
     assert (root / "tune" / "_manifest.json").is_file()
-    assert (root / "tune" / "trials").is_dir() and len(list((root / "tune" / "trials").iterdir())) == 2
+    assert (root / "tune" / "trials").is_dir() and len(list((root / "tune" / "trials").iterdir())) == 4
