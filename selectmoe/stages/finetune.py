@@ -339,7 +339,7 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         storage_path=storage,
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
-        resources_per_worker=dict(cfg.resources_per_worker) if cfg.resources_per_worker else None,
+        resources_per_worker=cfg.resources_per_worker,
         max_failures=cfg.max_failures,
         callbacks=[_metrics_callback(str(log_path))],
     )

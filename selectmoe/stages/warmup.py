@@ -332,7 +332,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         storage_path=storage,
         num_workers=int(cfg.num_workers),
         use_gpu=use_gpu,
-        resources_per_worker=dict(cfg.resources_per_worker) if cfg.resources_per_worker else None,
+        resources_per_worker=cfg.resources_per_worker,
         max_failures=int(cfg.max_failures),
         callbacks=callbacks,
     )

@@ -44,7 +44,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ def fit(
     storage_path: str,
     num_workers: int = 1,
     use_gpu: bool = False,
-    resources_per_worker: dict[str, float] | None = None,
+    resources_per_worker: Mapping[str, float] | None = None,
     max_failures: int = 1,
     callbacks: list | None = None,
 ) -> LoopResult:
@@ -164,7 +164,10 @@ def fit(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            # a plain dict: configs may hand over an OmegaConf mapping
+            resources_per_worker=dict(resources_per_worker) if resources_per_worker else None,
         ),
         run_config=RunConfig(
             name=name,
