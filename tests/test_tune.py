@@ -4,8 +4,10 @@ picks the best trial by the metric."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from selectmoe.config import PipelineConfig, WarmupConfig
 
@@ -46,13 +48,14 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tune_sweep_picks_best(ray_local, tiny_assets):
+    from selectmoe.model import SelectMoeForCausalLM, load_selector
     from selectmoe.tune import run_tune
 
     root, pool = tiny_assets
     warmup = WarmupConfig(
         model_dir=str(root / "model"), pool=pool, data_format="auto", strict=False,
         ingest_dir=str(root / "ingest"), output_dir=str(root / "unused"), storage_path=str(root / "unused_rr"),
-        trainable="gates_only", epochs=1, batch_size=8, micro_batch_size=4, max_length=96, max_steps=2,
+        trainable="full_rank", epochs=1, batch_size=8, micro_batch_size=4, max_length=96, max_steps=2,
         gradient_checkpointing=False, checkpoint_every=100, log_every=1, probe_samples=8, num_workers=1,
         use_gpu=False, seed=0,
     )  # fmt: skip
@@ -81,3 +84,10 @@ def test_tune_sweep_picks_best(ray_local, tiny_assets):
     assert (root / "tune" / "results.csv").read_text().count("\n") == 5
     assert (root / "tune" / "_manifest.json").is_file()
     assert (root / "tune" / "trials").is_dir() and len(list((root / "tune" / "trials").iterdir())) == 4
+    # The best trial's selector is a loadable full_rank artefact: gates and routers both trained.
+    model, _, _ = load_selector(Path(result.best_trial_dir) / "model")
+    trained = model.state_dict()
+    base = SelectMoeForCausalLM.from_pretrained(root / "model", dtype=torch.float32).state_dict()
+    for part in ("quality_gate", "mlp.gate.weight"):
+        names = [n for n in base if part in n]
+        assert names and any(not torch.equal(trained[n], base[n]) for n in names), part

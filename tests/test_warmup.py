@@ -83,32 +83,51 @@ def _check_artefact(model_dir: str, base_dir: str, mode: str):
     changed = [n for n in gates if not torch.equal(trained[n], orig[n])]
     assert changed, "no quality-gate tensor changed"
     routers = [n for n in orig if n.endswith("mlp.gate.weight")]
-    if routers:
-        assert any(not torch.equal(model.state_dict()[n], base.state_dict()[n]) for n in routers)
+    routers_changed = any(not torch.equal(model.state_dict()[n], base.state_dict()[n]) for n in routers)
+    assert routers and routers_changed == (mode != "gates_only")
     assert tok.pad_token_id is not None
 
 
 @pytest.mark.slow
 def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
+    """2 DDP workers, 51 steps of ``gates_only``: the probe AUC rises above the untrained model's.
+
+    ``gates_only`` because at this scale and lr, co-trained routers reshuffle the routing and the gate's
+    signal depends on the data order (``full_rank``, 3 orders of a bare loop: 0.518 / 0.484 / 0.554; two Ray
+    runs of this test: 0.641 / 0.449). With routers frozen, 7 orders/hold-outs of the bare loop all rose,
+    by +0.02 to +0.08 (0.491 -> 0.551..0.573 on this hold-out). ``full_rank`` artefacts are checked in
+    the Tune test (and the demo pipeline scores with one).
+    """
     from selectmoe.manifest import read_manifest
     from selectmoe.stages.warmup import run_warmup
+    from selectmoe.training.loop import METRICS_LOG
 
     t0 = time.perf_counter()
-    res = run_warmup(_cfg(assets, tmp_path / "w", epochs=3, lr=1e-2, probe_samples=48))
+    cfg = _cfg(assets, tmp_path / "w", trainable="gates_only", epochs=3, lr=1e-2, probe_samples=48,
+               checkpoint_every=100)  # fmt: skip
+    res = run_warmup(cfg)
     print(f"warmup 2 workers: {time.perf_counter() - t0:.1f}s {res.summary()} {res.probe}")
     assert res.steps == 3 * (res.n_train_rows // 16) > 0
     before, after = res.probe["probe_auc_before"], res.probe["probe_auc"]
-    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0 and after != before  # the probe ran and moved
-    # NOT asserted: that AUC rises. At this scale (51 steps) it is not reproducible: two runs of this
-    # exact test gave 0.491 -> 0.641 and 0.491 -> 0.449 (same tokens, lm_loss 1.97 vs 1.98); the full
-    # demo (254 steps) gave 0.449 -> 0.605. Open item in the warmup issue.
+    # Zero-init gate weights: every token has the same g, so "before" is ~0.5 (ties broken by float
+    # rounding of the token means).
+    assert 0.45 <= before <= 0.55
+    assert after >= before + 0.03, (before, after)
     assert set(res.probe["per_corruption"]) == {"shuffle_words", "swap_response", "truncate", "noise"}
     for key in ("lm_loss", "quality_loss", "tokens_per_s", "g_mean_l0"):
         assert key in res.metrics, key
+    # Every log step's metrics reach the log once, though reports are batched (at most one per 2 s).
+    logged = [json.loads(x) for x in (tmp_path / "w" / METRICS_LOG).read_text().splitlines()]
+    per_epoch = res.steps // 3
+    log_steps = [s for s in range(1, res.steps + 1) if s % 2 == 0 or s % per_epoch == 0]
+    assert [r["step"] for r in logged] == log_steps
+    assert all(r["lm_loss"] > 0 and r["tokens_per_s"] > 0 for r in logged)
+    assert logged[-1]["probe_auc"] == pytest.approx(after)  # epoch-end rows carry the probe
+    assert len([r for r in logged if "probe_auc" in r]) < len(logged)  # batched: not one report per row
     manifest = read_manifest(tmp_path / "w")
     assert manifest["extra"]["probe"]["probe_auc"] == pytest.approx(after)
     assert manifest["counts"]["steps"] == res.steps
-    _check_artefact(res.model_dir, assets["model"], "full_rank")
+    _check_artefact(res.model_dir, assets["model"], "gates_only")
 
 
 @pytest.mark.slow

@@ -40,12 +40,12 @@ import torch
 from selectmoe.config import FinetuneConfig
 from selectmoe.manifest import config_hash, fingerprint, write_manifest
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
+from selectmoe.training.loop import METRICS_LOG
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
-METRICS_LOG = "train_metrics.jsonl"
 PAD_TOKEN = "<pad>"
 # The finetune keys that change the trained adapter (a change starts a fresh Ray run instead of resuming).
 _TRAINING_KEYS = (
@@ -158,27 +158,6 @@ def import_lora(model, tensors: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------- metrics
 
 
-def _metrics_callback(path: str):
-    """A Ray Train ``UserCallback`` that appends rank 0's reported metrics to ``path`` (JSONL).
-
-    It runs in the Train controller, which Ray pins to the driver's node, so a local path is fine.
-    """
-    from ray.train import UserCallback
-
-    class _MetricsLog(UserCallback):
-        def __init__(self, log_path: str) -> None:
-            self.log_path = log_path
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not metrics:
-                return
-            row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
-            with open(self.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    return _MetricsLog(path)
-
-
 def read_losses(path: str | Path) -> list[tuple[int, float]]:
     """``(step, loss)`` from a metrics log, one per step (a restarted run's re-reports replace older ones)."""
     by_step: dict[int, float] = {}
@@ -276,7 +255,7 @@ def _run_key(cfg: FinetuneConfig, name: str, path: str) -> str:
 
 def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) -> RunResult:
     """Fine-tune one LoRA adapter on one selection file; writes ``output_dir/<name>/``."""
-    from selectmoe.training.loop import LoopSpec, fit
+    from selectmoe.training.loop import LoopSpec, fit, metrics_log_callback, resolve_storage
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir) / name
@@ -325,13 +304,9 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
     )
-    storage = (
-        str(Path(cfg.storage_path).resolve()) if "://" not in str(cfg.storage_path) else str(cfg.storage_path)
-    )
+    storage = resolve_storage(cfg.storage_path)
     ray_name = f"finetune-{name}-{_run_key(cfg, name, path)}"
-    log_path = run_dir / METRICS_LOG
-    if "://" in storage or not (Path(storage) / ray_name).exists():
-        log_path.unlink(missing_ok=True)  # a fresh Ray run: start a fresh log (a resumed one appends)
+    metrics_log = metrics_log_callback(run_dir, storage_path=storage, name=ray_name)
     result = fit(
         spec,
         ds,
@@ -341,7 +316,7 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         use_gpu=use_gpu,
         resources_per_worker=cfg.resources_per_worker,
         max_failures=cfg.max_failures,
-        callbacks=[_metrics_callback(str(log_path))],
+        callbacks=[metrics_log],
     )
 
     # Rebuild on the driver, load the trained LoRA tensors, save the peft adapter (+ merged model).
@@ -361,7 +336,7 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         merged.save_pretrained(str(merged_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(merged_dir))
 
-    losses = read_losses(log_path)
+    losses = read_losses(run_dir / METRICS_LOG)
     run = RunResult(
         name=name,
         adapter_dir=str(adapter_dir),

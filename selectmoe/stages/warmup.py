@@ -13,8 +13,8 @@ in ``storage_path``, ``max_failures`` restarts from the last checkpoint, ``resum
 Metrics per log step: lm_loss, quality_loss, aux_loss, mean gate ``g`` per layer, tokens/s; probe AUC at
 each epoch end and before step 1.
 
-Output (``output_dir``): ``model/`` (the selector artefact: ``load_selector`` it) and ``_manifest.json``
-(counts, probe before/after, final metrics).
+Output (``output_dir``): ``model/`` (the selector artefact: ``load_selector`` it), ``train_metrics.jsonl``
+(every log step's metrics) and ``_manifest.json`` (counts, probe before/after, final metrics).
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.probe import ProbeEval
     from selectmoe.ray_utils import resolve_use_gpu
-    from selectmoe.training.loop import LoopSpec, fit
+    from selectmoe.training.loop import LoopSpec, fit, metrics_log_callback, resolve_storage
 
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
@@ -321,10 +321,9 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         eval_before=bool(probe_records),
         resume_from=cfg.resume_from,
     )
-    storage = str(cfg.storage_path)
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = resolve_storage(cfg.storage_path)
     run_name = name or f"warmup-{hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:10]}"
+    metrics_log = metrics_log_callback(out_dir, storage_path=storage, name=run_name)
     result = fit(
         spec,
         ds,
@@ -334,7 +333,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         use_gpu=use_gpu,
         resources_per_worker=cfg.resources_per_worker,
         max_failures=int(cfg.max_failures),
-        callbacks=callbacks,
+        callbacks=[metrics_log, *(callbacks or [])],
     )
 
     # Rebuild on the driver, load the trained parameters, export plain (LoRA-merged) selector tensors.

@@ -25,11 +25,18 @@ or ``LoopSpec.resume_from`` (a stopped run) and continues exactly: the epoch's d
 the consumed micro-batches are skipped. Resume does NOT cover: a different world size or batch
 arithmetic (refused), a changed dataset (not detected), or the frozen base changing under it.
 
-Metrics go through ``ray.train.report`` from every worker at the same steps (log steps, checkpoint steps,
-epoch ends); rank 0 attaches the checkpoint. The optional ``eval_fn(model) -> {name: float}`` runs on rank
-0 at each epoch end (and before step 1 with ``eval_before``, reported as ``<name>_before``); every
-report carries the latest eval values (Tune schedulers need the metric in every result). Reports also
-carry ``tokens_seen`` (non-pad tokens, all workers, persisted across restarts).
+Metrics are computed at every log step (``log_every``) and go through ``ray.train.report`` from every
+worker at the same steps; rank 0 attaches the checkpoint. Ray Train's controller takes one report per
+worker per poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s) and ``report`` blocks until the previous one
+was taken, so a report every few fast steps stalls training (measured: ~1.7 s per report, half the wall
+time of a 51-step test run). Log steps therefore report at most once per ``min_report_interval_s``
+(default: that poll period; rank 0's clock decides for all ranks); the log steps in between ride along in
+the next report as ``log_history`` (a list of every log step's metrics, the reported step last), which
+:func:`metrics_log_callback` writes out line by line. Checkpoint steps, epoch ends and the last step
+always report. The optional ``eval_fn(model) -> {name: float}`` runs on rank 0 at each epoch end (and
+before step 1 with ``eval_before``, reported as ``<name>_before``); every report carries the latest eval
+values (Tune schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad
+tokens, all workers, persisted across restarts).
 
 The step itself is :func:`forward_backward` + :func:`global_counts` (usable without Ray: the GA test and
 the benchmark's bare loop run exactly it). ``collate`` pads with THE padding (``data.encoding.pad_batch``).
@@ -62,6 +69,7 @@ IGNORE_INDEX = -100
 FAIL_ONCE_ENV = "SELECTMOE_FAIL_ONCE_AT_STEP"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
+METRICS_LOG = "train_metrics.jsonl"  # every log step's metrics, written on the driver by metrics_log_callback
 
 
 @dataclass
@@ -100,6 +108,8 @@ class LoopSpec:
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # epoch end, rank 0, eval mode
     eval_before: bool = False  # also run eval_fn before step 1; reported as "<name>_before" from then on
     resume_from: str | None = None  # checkpoint directory of a stopped run
+    # least seconds between two log-step reports (None: Ray Train's controller poll period; 0: every log step)
+    min_report_interval_s: float | None = None
     fail_once: str | None = None  # test hook, see FAIL_ONCE_ENV
 
 
@@ -276,6 +286,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
     )
     window = _Window(device)
+    reports = _ReportClock(spec.min_report_interval_s)
+    history: list[dict[str, Any]] = []  # log-step metrics not reported yet
     last_metrics: dict[str, Any] = {}
     if spec.eval_before and state is None:
         before = _run_eval(spec, model, rank, distributed)
@@ -319,15 +331,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             is_ckpt = step % spec.checkpoint_every == 0 or epoch_end or last
             if not (is_ckpt or step % spec.log_every == 0):
                 continue
-            metrics = window.flush(distributed)
-            metrics.update(
-                step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"]
-            )
-            metrics.update(carry["before"])
+            entry = window.flush(distributed)
+            entry.update(step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"])
+            history.append(entry)
             if epoch_end or last:
                 carry["last_eval"] = _run_eval(spec, model, rank, distributed) or carry["last_eval"]
                 model.train()
-            metrics.update(carry["last_eval"])  # the latest eval in every report (Tune schedulers need it)
+            elif not (is_ckpt or reports.due(device, distributed)):
+                continue
+            # this step's metrics, the latest eval (Tune needs it in every report), the unreported log steps
+            metrics = {**entry, **carry["before"], **carry["last_eval"], "log_history": history}
             after = (epoch + 1, 0) if epoch_end else (epoch, step_in_epoch)
             _report(
                 spec,
@@ -343,6 +356,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 world,
                 carry,
             )
+            reports.mark()
+            history = []
             last_metrics = metrics
         epoch, step_in_epoch = epoch + 1, 0
     if not last_metrics:  # resumed from a final checkpoint: report it again so the run has a result
@@ -526,6 +541,67 @@ class _Window:
         metrics["tokens_per_s"] = self.tokens / elapsed  # global tokens (all workers) per second
         self.reset()
         return metrics
+
+
+def resolve_storage(storage_path: str) -> str:
+    """Ray Train's ``storage_path``: a URI as given, a local path made absolute."""
+    return str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
+
+
+def metrics_log_callback(run_dir: str | Path, *, storage_path: str, name: str):
+    """A Ray Train ``UserCallback`` appending every log step's metrics (rank 0's) to ``run_dir/METRICS_LOG``
+    (JSONL): the ``log_history`` rows of each report, then the reported step's row with its eval values.
+
+    A fresh Ray run (no ``storage_path/name`` yet) starts a fresh log; a restored one appends. The callback
+    runs in the Train controller, which Ray pins to the driver's node, so a local path is fine.
+    """
+    from ray.train import UserCallback
+
+    path = Path(run_dir) / METRICS_LOG
+    if "://" in storage_path or not (Path(storage_path) / name).exists():
+        path.unlink(missing_ok=True)
+
+    class _MetricsLog(UserCallback):
+        def __init__(self, log_path: str) -> None:
+            self.log_path = log_path
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not metrics:
+                return
+            report = metrics[0]
+            history = list(report.get("log_history") or [])
+            rows = [*history[:-1], {k: v for k, v in report.items() if k != "log_history"}]
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                for row in rows:
+                    plain = {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))}
+                    fh.write(json.dumps(plain) + "\n")
+
+    return _MetricsLog(str(path))
+
+
+def controller_poll_s() -> float:
+    """Ray Train's controller poll period: ``ray.train.report`` hands over one result per worker per poll."""
+    return float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+
+class _ReportClock:
+    """Is a log-step report due? Rank 0's clock decides (broadcast): every rank reports at the same steps."""
+
+    def __init__(self, min_interval_s: float | None) -> None:
+        self.min_interval_s = controller_poll_s() if min_interval_s is None else float(min_interval_s)
+        self.last = time.perf_counter()
+
+    def due(self, device, distributed: bool) -> bool:
+        import torch.distributed as dist
+
+        elapsed = time.perf_counter() - self.last
+        flag = torch.tensor([elapsed >= self.min_interval_s], dtype=torch.uint8, device=device)
+        if distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def mark(self) -> None:
+        self.last = time.perf_counter()
 
 
 def _run_eval(spec: LoopSpec, model, rank: int, distributed: bool) -> dict[str, float]:
