@@ -104,8 +104,8 @@ def ray_loop(spec, rows, storage: str) -> dict:
         def __init__(self):
             self.items = []
 
-        def put(self, m):
-            self.items.append(m)
+        def put(self, rows):
+            self.items.extend(rows)
 
         def get(self):
             return self.items
@@ -117,7 +117,8 @@ def ray_loop(spec, rows, storage: str) -> dict:
             self.sink = sink
 
         def after_report(self, run_context, metrics, checkpoint):
-            ray.get(self.sink.put.remote(dict(metrics[0])))
+            report = dict(metrics[0])  # rank 0's; every log step since the last report is in log_history
+            ray.get(self.sink.put.remote(report.pop("log_history", None) or [report]))
 
     ds = ray.data.from_items(rows).materialize()
     t0 = time.perf_counter()
