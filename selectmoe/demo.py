@@ -110,6 +110,7 @@ def _read_records(paths) -> list[dict]:
 def _pretrain(model, tokenizer, records: list[dict], cfg: DemoConfig, *, seed: int) -> tuple[float, float]:
     """Causal-LM pre-training of the tiny base on clean demo text (full-sequence labels)."""
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
+    from selectmoe.training.determinism import deterministic_cpu
 
     encoder = ChatEncoder(tokenizer, EncodingSpec(max_length=256, label_mode="full_sequence"))
     encoded = [encoder.encode(r["messages"]) for r in records]
@@ -117,15 +118,16 @@ def _pretrain(model, tokenizer, records: list[dict], cfg: DemoConfig, *, seed: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
     model.train()
     losses = []
-    for _ in range(cfg.pretrain_steps):
-        batch = pad_batch(rng.sample(encoded, cfg.pretrain_batch_size), tokenizer.pad_token_id)
-        loss = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    with deterministic_cpu():  # the same base on every build (else the selection drifts between builds)
+        for _ in range(cfg.pretrain_steps):
+            batch = pad_batch(rng.sample(encoded, cfg.pretrain_batch_size), tokenizer.pad_token_id)
+            loss = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
     model.eval()
     logger.info("demo base pre-training: loss %.3f -> %.3f", losses[0], losses[-1])
     return losses[0], sum(losses[-10:]) / len(losses[-10:])

@@ -15,7 +15,7 @@ names in ``count_kwargs``), so accumulation over micro-batches and workers equal
 (the loss is multiplied by the world size because DDP averages gradients). AdamW over the trainable
 parameters only (kept fp32; frozen weights bf16 on GPU under bf16 autocast), HF ``get_scheduler``,
 ``clip_grad_norm_``. Randomness (dropout, LoRA init) is reseeded from ``(seed, step, rank)`` at each
-step, so no RNG state needs saving.
+step, so no RNG state needs saving; CPU workers run torch's deterministic kernels (bit-reproducible runs).
 
 Checkpoints (every ``checkpoint_every`` steps, at each epoch end and at the end), no pickle:
 ``trainable.safetensors`` (trainable tensors only), ``optimizer.safetensors`` (AdamW moments keyed by
@@ -227,16 +227,25 @@ def _check_storage(storage_path: str) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function: :func:`_train` under deterministic CPU kernels (see ``determinism``)."""
+    import ray.train.torch
+
+    from selectmoe.training.determinism import deterministic_cpu
+
+    device = ray.train.torch.get_device()
+    with deterministic_cpu(enabled=device.type == "cpu"):
+        _train(config["spec"], device)
+
+
+def _train(spec: LoopSpec, device: torch.device) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    spec: LoopSpec = config["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     ga, per_epoch, n_total = total_steps(spec, world)
 
