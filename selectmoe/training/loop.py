@@ -29,14 +29,14 @@ Metrics are computed at every log step (``log_every``) and go through ``ray.trai
 worker at the same steps; rank 0 attaches the checkpoint. Ray Train's controller takes one report per
 worker per poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s) and ``report`` blocks until the previous one
 was taken, so a report every few fast steps stalls training (measured: ~1.7 s per report, half the wall
-time of a 51-step test run). Log steps therefore report at most once per ``min_report_interval_s``
-(default: that poll period; rank 0's clock decides for all ranks); the log steps in between ride along in
-the next report as ``log_history`` (a list of every log step's metrics, the reported step last), which
-:func:`metrics_log_callback` writes out line by line. Checkpoint steps, epoch ends and the last step
-always report. The optional ``eval_fn(model) -> {name: float}`` runs on rank 0 at each epoch end (and
-before step 1 with ``eval_before``, reported as ``<name>_before``); every report carries the latest eval
-values (Tune schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad
-tokens, all workers, persisted across restarts).
+time of a 51-step test run). Log steps therefore report at most once per poll period (rank 0's clock
+decides for all ranks); the log steps in between ride along in the next report as ``log_history`` (a
+list of every log step's metrics, the reported step last), which :func:`metrics_log_callback` writes out
+line by line. Checkpoint steps, epoch ends and the last step always report. The optional
+``eval_fn(model) -> {name: float}`` runs on rank 0 at each epoch end (and before step 1 with
+``eval_before``, reported as ``<name>_before``); every report carries the latest eval values (Tune
+schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad tokens, all
+workers, persisted across restarts).
 
 The step itself is :func:`forward_backward` + :func:`global_counts` (usable without Ray: the GA test and
 the benchmark's bare loop run exactly it). ``collate`` pads with THE padding (``data.encoding.pad_batch``).
@@ -108,8 +108,6 @@ class LoopSpec:
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # epoch end, rank 0, eval mode
     eval_before: bool = False  # also run eval_fn before step 1; reported as "<name>_before" from then on
     resume_from: str | None = None  # checkpoint directory of a stopped run
-    # least seconds between two log-step reports (None: Ray Train's controller poll period; 0: every log step)
-    min_report_interval_s: float | None = None
     fail_once: str | None = None  # test hook, see FAIL_ONCE_ENV
 
 
@@ -295,7 +293,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
     )
     window = _Window(device)
-    reports = _ReportClock(spec.min_report_interval_s)
+    reports = _ReportClock(controller_poll_s())
     history: list[dict[str, Any]] = []  # log-step metrics not reported yet
     last_metrics: dict[str, Any] = {}
     if spec.eval_before and state is None:
@@ -596,8 +594,8 @@ def controller_poll_s() -> float:
 class _ReportClock:
     """Is a log-step report due? Rank 0's clock decides (broadcast): every rank reports at the same steps."""
 
-    def __init__(self, min_interval_s: float | None) -> None:
-        self.min_interval_s = controller_poll_s() if min_interval_s is None else float(min_interval_s)
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = float(min_interval_s)
         self.last = time.perf_counter()
 
     def due(self, device, distributed: bool) -> bool:
