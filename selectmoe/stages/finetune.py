@@ -255,7 +255,7 @@ def _run_key(cfg: FinetuneConfig, name: str, path: str) -> str:
 
 def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) -> RunResult:
     """Fine-tune one LoRA adapter on one selection file; writes ``output_dir/<name>/``."""
-    from selectmoe.training.loop import LoopSpec, fit, metrics_log_callback, resolve_storage
+    from selectmoe.training.loop import LoopSpec, fit
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir) / name
@@ -304,19 +304,17 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
     )
-    storage = resolve_storage(cfg.storage_path)
     ray_name = f"finetune-{name}-{_run_key(cfg, name, path)}"
-    metrics_log = metrics_log_callback(run_dir, storage_path=storage, name=ray_name)
     result = fit(
         spec,
         ds,
         name=ray_name,
-        storage_path=storage,
+        storage_path=str(cfg.storage_path),
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
         resources_per_worker=cfg.resources_per_worker,
         max_failures=cfg.max_failures,
-        callbacks=[metrics_log],
+        metrics_dir=run_dir,
     )
 
     # Rebuild on the driver, load the trained LoRA tensors, save the peft adapter (+ merged model).

@@ -250,7 +250,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.probe import ProbeEval
     from selectmoe.ray_utils import resolve_use_gpu
-    from selectmoe.training.loop import LoopSpec, fit, metrics_log_callback, resolve_storage
+    from selectmoe.training.loop import LoopSpec, fit
 
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
@@ -321,19 +321,18 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         eval_before=bool(probe_records),
         resume_from=cfg.resume_from,
     )
-    storage = resolve_storage(cfg.storage_path)
     run_name = name or f"warmup-{hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:10]}"
-    metrics_log = metrics_log_callback(out_dir, storage_path=storage, name=run_name)
     result = fit(
         spec,
         ds,
         name=run_name,
-        storage_path=storage,
+        storage_path=str(cfg.storage_path),
         num_workers=int(cfg.num_workers),
         use_gpu=use_gpu,
         resources_per_worker=cfg.resources_per_worker,
         max_failures=int(cfg.max_failures),
-        callbacks=[metrics_log, *(callbacks or [])],
+        callbacks=callbacks,
+        metrics_dir=out_dir,
     )
 
     # Rebuild on the driver, load the trained parameters, export plain (LoRA-merged) selector tensors.

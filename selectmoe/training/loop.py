@@ -150,12 +150,14 @@ def fit(
     resources_per_worker: Mapping[str, float] | None = None,
     max_failures: int = 1,
     callbacks: list | None = None,
+    metrics_dir: str | Path | None = None,
 ) -> LoopResult:
     """Run the loop on a ``TorchTrainer``; returns the final checkpoint and metrics.
 
     ``storage_path`` is a local path or URI; on a multi-node cluster it must be shared storage (a URI or
     an NFS path) or Ray Train cannot gather checkpoints. Rerunning with the same ``name`` and
-    ``storage_path`` lets Ray Train restore the run's latest checkpoint.
+    ``storage_path`` lets Ray Train restore the run's latest checkpoint (a local path is made absolute).
+    ``metrics_dir``: also write every log step's metrics to ``metrics_dir/METRICS_LOG``.
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -164,7 +166,13 @@ def fit(
     total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
     if spec.fail_once is None and os.environ.get(FAIL_ONCE_ENV):
         spec = _replace(spec, fail_once=os.environ[FAIL_ONCE_ENV])
+    storage_path = resolve_storage(storage_path)
     _check_storage(storage_path)
+    if metrics_dir is not None:
+        callbacks = [
+            metrics_log_callback(metrics_dir, storage_path=storage_path, name=name),
+            *(callbacks or []),
+        ]
     options = DataConfig.default_ingest_options() if hasattr(DataConfig, "default_ingest_options") else None
     options = options or ExecutionOptions()
     options.preserve_order = True  # deterministic split + order: exact resume and reproducible runs
