@@ -151,7 +151,7 @@ def cpu_compare(args) -> dict:
         spec = LoopSpec(
             model_fn=factory, export_fn=export_params, import_fn=import_params, n_rows=n_rows, pad_token_id=pad,
             lr=1e-3, epochs=1, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-            checkpoint_every=10**6, log_every=args.log_every, shuffle_buffer=0,
+            checkpoint_every=10**6, log_every=args.log_every, shuffle=False,
             count_kwargs=("num_samples_in_batch", "num_quality_tokens_in_batch"),
             forward_kwargs={"output_router_logits": True}, metrics_fn=GateMetrics("all"),
         )  # fmt: skip

@@ -42,6 +42,7 @@ class DemoConfig:
     pretrain_steps: int = 300  # LM pre-training of the tiny base so the gate has a signal to learn
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 16
+    pretrain_threads: int = 2  # torch CPU threads for the pre-training (results depend on the count)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def _read_records(paths) -> list[dict]:
 def _pretrain(model, tokenizer, records: list[dict], cfg: DemoConfig, *, seed: int) -> tuple[float, float]:
     """Causal-LM pre-training of the tiny base on clean demo text (full-sequence labels)."""
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
-    from selectmoe.training.determinism import deterministic_cpu
+    from selectmoe.training.determinism import deterministic_cpu, torch_threads
 
     encoder = ChatEncoder(tokenizer, EncodingSpec(max_length=256, label_mode="full_sequence"))
     encoded = [encoder.encode(r["messages"]) for r in records]
@@ -118,7 +118,9 @@ def _pretrain(model, tokenizer, records: list[dict], cfg: DemoConfig, *, seed: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
     model.train()
     losses = []
-    with deterministic_cpu():  # the same base on every build (else the selection drifts between builds)
+    # the same base on every build and launch mode (else the selection drifts): deterministic kernels and
+    # a fixed thread count (CPU results depend on it; a `ray job submit` driver inherits 1 thread)
+    with deterministic_cpu(), torch_threads(cfg.pretrain_threads):
         for _ in range(cfg.pretrain_steps):
             batch = pad_batch(rng.sample(encoded, cfg.pretrain_batch_size), tokenizer.pad_token_id)
             loss = model(

@@ -98,9 +98,12 @@ def fit_k(
 
 
 class _SweepWorker:
-    def __init__(self, clusterer: Callable, device=None):
+    def __init__(self, clusterer: Callable, device=None, cpu_threads: int = 1):
+        import torch
+
         self.clusterer = clusterer
         self.device = device
+        torch.set_num_threads(cpu_threads)  # the actor's num_cpus, never an inherited OMP_NUM_THREADS
 
     def fit(self, X, k, params):
         return fit_k(X, k, self.clusterer, device=self.device, **params)

@@ -107,12 +107,13 @@ def load_selector(path, *, dtype=None, device=None):
 
     The model is loaded in fp32, the trainable tensors are copied in (a name or shape that does not match the
     base raises ``ValueError`` naming the tensor and shapes), then it is cast to ``dtype`` (torch dtype or
-    name; ``None``/``"auto"`` keeps fp32), moved to ``device`` and put in eval mode. ``encoding`` is the
+    name; ``None``/``"auto"`` keeps fp32; the quality gates and routers stay fp32 whatever it is), moved to ``device`` and put in eval mode. ``encoding`` is the
     EncodingSpec dict (``{}`` for a plain converted dir).
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    from selectmoe.model.precision import cast_model
     from selectmoe.model.trainable import import_trainable
 
     root = Path(path)
@@ -144,7 +145,7 @@ def load_selector(path, *, dtype=None, device=None):
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     target_dtype = _resolve_dtype(dtype)
     if target_dtype is not None:
-        model = model.to(dtype=target_dtype)
+        cast_model(model, target_dtype)  # quality gates and routers stay fp32
     if device is not None:
         model = model.to(device)
     model.eval()

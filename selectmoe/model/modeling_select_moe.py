@@ -141,8 +141,9 @@ class SelectMoeDecoderLayer(GradientCheckpointingLayer):
         score = self.quality_gate(h.to(self.quality_gate.weight.dtype))  # [B, T, 1] raw (fp32 gate kept fp32)
         g = torch.sigmoid(score.float()).to(h.dtype)
         flat = h.reshape(-1, dim)
-        router_logits, top_k_weights, top_k_index = self.mlp.gate(flat)
-        moe_out = self.mlp.experts(flat, top_k_index, top_k_weights).reshape(bsz, seq, dim)
+        # the router may be kept fp32 beside bf16 experts (keep_fp32_modules): route in its dtype
+        router_logits, top_k_weights, top_k_index = self.mlp.gate(flat.to(self.mlp.gate.weight.dtype))
+        moe_out = self.mlp.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).reshape(bsz, seq, dim)
         out = residual + g * moe_out
         trash = self.trash_expert(h)
         if trash is not None:
@@ -186,7 +187,9 @@ class SelectMoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules = ["quality_gate"]  # noqa: RUF012
+    # quality gates and routers stay fp32 when the rest is cast to bf16 (selectmoe.model.precision applies
+    # this on every cast: transformers 5 honours the list only for fp16 loading)
+    _keep_in_fp32_modules = ["quality_gate", "mlp.gate"]  # noqa: RUF012
     # the experts are the stock (``@use_experts_implementation``-decorated) OlmoeExperts, so the experts
     # implementation (grouped_mm / eager / ...) is selectable exactly as for OLMoE
     _can_set_experts_implementation_cached_value = True

@@ -12,7 +12,8 @@ cluster, messages}``):
    exactly (an inexact split, or a selection smaller than one global batch, is an error naming the
    numbers to change -- never a silent change). Only the LoRA tensors are checkpointed
    (``get_peft_model_state_dict`` / ``set_peft_model_state_dict``), and a rerun with the same config
-   resumes from the last checkpoint (the Ray run name carries a hash of the config and the data).
+   resumes from the last checkpoint (the Ray run name is the run's identity: every training setting, the
+   base model's and the data's content, the training code; see ``selectmoe.training.identity``).
 3. ``output_dir/<name>/adapter/``: ``PeftModel.save_pretrained`` (safetensors ``adapter_model``,
    ``adapter_config.json`` whose ``base_model_name_or_path`` is ``base_model``) + the tokenizer; it loads
    with ``PeftModel.from_pretrained(base, dir)`` and lm-eval's ``peft=dir``. With ``merge_adapter`` also
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from selectmoe.config import FinetuneConfig
-from selectmoe.manifest import config_hash, fingerprint, write_manifest
+from selectmoe.manifest import write_manifest
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
 from selectmoe.training.loop import METRICS_LOG
 
@@ -47,12 +48,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 PAD_TOKEN = "<pad>"
-# The finetune keys that change the trained adapter (a change starts a fresh Ray run instead of resuming).
-_TRAINING_KEYS = (
-    "base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "epochs", "batch_size",
-    "micro_batch_size", "max_length", "label_mode", "warmup_ratio", "weight_decay", "max_grad_norm",
-    "max_steps", "num_workers", "bf16", "gradient_checkpointing", "strategy", "seed",
-)  # fmt: skip
 
 
 @dataclass
@@ -248,9 +243,12 @@ def model_input(model: str) -> Any:
     return str(model) if Path(model).exists() else {"name": str(model)}
 
 
-def _run_key(cfg: FinetuneConfig, name: str, path: str) -> str:
-    training = {k: getattr(cfg, k) for k in _TRAINING_KEYS}
-    return config_hash({"run": name, "config": training, "data": fingerprint(path)})[:12]
+def _run_name(cfg: FinetuneConfig, name: str, path: str, use_gpu: bool) -> str:
+    from selectmoe.training.identity import run_name, training_settings
+
+    settings = training_settings(cfg, exclude=("base_model",))
+    inputs = {"base_model": cfg.base_model, "data": path}
+    return run_name(f"finetune-{name}", settings, inputs, stage_module=__name__, use_gpu=use_gpu)
 
 
 def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) -> RunResult:
@@ -304,7 +302,7 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
     )
-    ray_name = f"finetune-{name}-{_run_key(cfg, name, path)}"
+    ray_name = _run_name(cfg, name, path, use_gpu)
     result = fit(
         spec,
         ds,

@@ -4,8 +4,9 @@ Data: the validated pool (``ensure_ingested``); ``probe_samples`` rows are held 
 quality probe and never trained on; ``subset_ratio`` keeps a seeded fraction of the rest (a per-id hash of
 ``seed``, so the driver knows the exact row count without encoding). Ray Data reads the shards and runs
 THE encoder (:class:`EncodeBatch`) with the hold-out/subset filter fused in; the encoded dataset is
-materialised before training when the workers run on CPUs (they would otherwise hold every CPU the read
-and encode tasks need) and streamed when they run on GPUs.
+materialised once before training (every worker reads all of it: the loop shuffles globally per epoch).
+The Ray Train run name is the run's identity (:mod:`selectmoe.training.identity`): a changed setting,
+model, pool or training code starts a fresh run, an unchanged one resumes or returns the finished run.
 
 Training: :func:`selectmoe.training.loop.fit` with exact gradient accumulation (global label / sample /
 quality-token counts), bf16 autocast on GPU with fp32 trainable parameters, trainable-only checkpoints
@@ -240,7 +241,7 @@ def _plain(obj: Any) -> Any:
 
 def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | None = None) -> WarmupResult:
     """Run the warmup stage (see module docstring). ``callbacks``: Ray Train ``UserCallback`` s (Tune uses one
-    to forward reports); ``name``: the Ray Train run name (default: derived from the output directory)."""
+    to forward reports); ``name``: the Ray Train run name's prefix (the rest is the run's identity hash)."""
     from transformers import AutoTokenizer
 
     from selectmoe.data.encoding import EncodingSpec
@@ -250,6 +251,8 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.probe import ProbeEval
     from selectmoe.ray_utils import resolve_use_gpu
+    from selectmoe.training.identity import run_name as training_run_name
+    from selectmoe.training.identity import training_settings
     from selectmoe.training.loop import LoopSpec, fit
 
     t0 = time.perf_counter()
@@ -280,14 +283,20 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         raise ValueError(f"tokenizer of {cfg.model_dir} has neither a pad nor an eos token")
     use_gpu = resolve_use_gpu(cfg.use_gpu)
 
-    ds = read_ingested(cfg.ingest_dir, shards=shards).map_batches(
-        encode_train_rows,
-        fn_kwargs={"tokenizer_dir": str(cfg.model_dir), "spec": spec_enc.to_dict(), "row_filter": row_filter},
-        batch_format="pyarrow",
-        batch_size=256,
+    ds = (
+        read_ingested(cfg.ingest_dir, shards=shards)
+        .map_batches(
+            encode_train_rows,
+            fn_kwargs={
+                "tokenizer_dir": str(cfg.model_dir),
+                "spec": spec_enc.to_dict(),
+                "row_filter": row_filter,
+            },
+            batch_format="pyarrow",
+            batch_size=256,
+        )
+        .materialize()  # encoded once: every worker reads all of it (the loop's global shuffle)
     )
-    if not use_gpu:
-        ds = ds.materialize()  # CPU workers will hold the CPUs the read/encode tasks need
 
     overrides = quality_config_overrides(cfg)
     factory = SelectorModelFactory(cfg.model_dir, cfg.trainable, overrides, cfg.lora_r, cfg.lora_alpha)
@@ -321,7 +330,13 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         eval_before=bool(probe_records),
         resume_from=cfg.resume_from,
     )
-    run_name = name or f"warmup-{hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:10]}"
+    run_name = training_run_name(
+        name or "warmup",
+        training_settings(cfg, exclude=("model_dir", "pool", "ingest_dir", "data_format", "strict")),
+        {"model": cfg.model_dir, **{f"shard:{Path(s).name}": s for s in shards}},
+        stage_module=__name__,
+        use_gpu=use_gpu,
+    )
     result = fit(
         spec,
         ds,

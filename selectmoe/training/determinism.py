@@ -30,3 +30,18 @@ def deterministic_cpu(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with exactly ``n`` torch CPU threads, then restore the previous count.
+
+    CPU float results depend on the thread count (the reductions split differently), even with
+    deterministic algorithms: a step that decides the selection must use the count its resources asked
+    for, never an inherited ``OMP_NUM_THREADS`` (Ray sets it to 1 for a ``ray job submit`` driver)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -5,25 +5,36 @@ Contract (what a caller provides, in a picklable :class:`LoopSpec`):
 - ``model_fn()`` builds the model on CPU with exactly the trainable parameters ``requires_grad``;
   ``export_fn(model) -> {name: tensor}`` / ``import_fn(model, tensors)`` move the trainable state in and
   out (only those tensors are checkpointed). The loss is the model forward's ``loss``.
-- The Ray Dataset ``train`` yields rows with ``input_ids`` and ``labels`` (variable length, already
-  encoded by the Data pipeline); it is split equally across workers with ``preserve_order`` so every
-  worker's stream is deterministic.
+- The Ray Dataset ``train`` (materialised) yields rows with ``input_ids`` and ``labels`` (variable length,
+  already encoded by the Data pipeline). Every worker reads all of it once into an Arrow table (memory:
+  the encoded pool per worker, ~8 bytes a token) and takes its rows from the epoch's global order:
+  a permutation of all rows seeded by ``(seed, epoch)`` (``shuffle``), global batch ``t`` being rows
+  ``order[t*B:(t+1)*B]``, split into contiguous per-worker slices. So the order is global (not a local
+  buffer over file order), differs per epoch, needs no replay to resume, and does not depend on the
+  world size.
 
 What the loop does per optimizer step: gathers its ``grad_accum`` micro-batches, all-reduces the global
 label-token / sample / quality-token counts and passes them to the forward (``num_items_in_batch`` and the
 names in ``count_kwargs``), so accumulation over micro-batches and workers equals one big batch exactly
-(the loss is multiplied by the world size because DDP averages gradients). AdamW over the trainable
-parameters only (kept fp32; frozen weights bf16 on GPU under bf16 autocast), HF ``get_scheduler``,
+for per-token losses (the loss is multiplied by the world size because DDP/FSDP average gradients). The
+load-balancing loss is the exception: it is a product of two batch means, computed per micro-batch and
+weighted by the micro-batch's share (as HF and Megatron do); measured gap in ``docs/architecture.md``.
+AdamW over the trainable parameters only (kept fp32; frozen weights bf16 on GPU under bf16 autocast,
+except the model's ``_keep_in_fp32_modules``: quality gates and routers), HF ``get_scheduler``,
 ``clip_grad_norm_``. Randomness (dropout, LoRA init) is reseeded from ``(seed, step, rank)`` at each
-step, so no RNG state needs saving; CPU workers run torch's deterministic kernels (bit-reproducible runs).
+step, so no RNG state needs saving; CPU workers run torch's deterministic kernels with the thread count
+their resources asked for (bit-reproducible runs, whatever ``OMP_NUM_THREADS`` the process inherited).
 
-Checkpoints (every ``checkpoint_every`` steps, at each epoch end and at the end), no pickle:
-``trainable.safetensors`` (trainable tensors only), ``optimizer.safetensors`` (AdamW moments keyed by
-parameter name; one file per rank under FSDP), ``state.json`` (step, epoch, step in epoch, scheduler and
-optimizer hyper-parameters). Resume reads ``ray.train.get_checkpoint()`` (a ``FailureConfig`` restart)
-or ``LoopSpec.resume_from`` (a stopped run) and continues exactly: the epoch's data stream is replayed and
-the consumed micro-batches are skipped. Resume does NOT cover: a different world size or batch
-arithmetic (refused), a changed dataset (not detected), or the frozen base changing under it.
+``strategy="fsdp"`` shards with FSDP2 (:mod:`selectmoe.training.fsdp`): one unit per decoder layer, fp32
+shards, bf16 compute by policy on GPU; it runs on CPU workers over gloo too.
+
+Checkpoints (every ``checkpoint_every`` steps, at each epoch end and at the end), no pickle, full tensors
+written by rank 0 (FSDP shards are gathered first): ``trainable.safetensors`` (trainable tensors only),
+``optimizer.safetensors`` (AdamW moments keyed by parameter name), ``state.json`` (step, epoch, step in
+epoch, scheduler and optimizer hyper-parameters). Resume reads ``ray.train.get_checkpoint()`` (a
+``FailureConfig`` restart, or a rerun of the same run name: see :mod:`selectmoe.training.identity`) or
+``LoopSpec.resume_from`` (a stopped run) and continues exactly where it was (tested bit for bit against
+an uninterrupted run). A different world size or batch arithmetic is refused.
 
 Metrics are computed at every log step (``log_every``) and go through ``ray.train.report`` from every
 worker at the same steps; rank 0 attaches the checkpoint. Ray Train's controller takes one report per
@@ -33,13 +44,13 @@ time of a 51-step test run). Log steps therefore report at most once per poll pe
 decides for all ranks); the log steps in between ride along in the next report as ``log_history`` (a
 list of every log step's metrics, the reported step last), which :func:`metrics_log_callback` writes out
 line by line. Checkpoint steps, epoch ends and the last step always report. The optional
-``eval_fn(model) -> {name: float}`` runs on rank 0 at each epoch end (and before step 1 with
-``eval_before``, reported as ``<name>_before``); every report carries the latest eval values (Tune
-schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad tokens, all
-workers, persisted across restarts).
+``eval_fn(model) -> {name: float}`` runs at each epoch end (rank 0; every rank under FSDP) and before
+step 1 with ``eval_before`` (reported as ``<name>_before``); every report carries the latest eval values
+(Tune schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad tokens,
+all workers, persisted across restarts).
 
 The step itself is :func:`forward_backward` + :func:`global_counts` (usable without Ray: the GA test and
-the benchmark's bare loop run exactly it). ``collate`` pads with THE padding (``data.encoding.pad_batch``).
+the benchmark's bare loop run exactly it). Padding is THE padding (``data.encoding.pad_batch``).
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +80,7 @@ IGNORE_INDEX = -100
 FAIL_ONCE_ENV = "SELECTMOE_FAIL_ONCE_AT_STEP"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments keyed "<param>::<field>", full tensors
 METRICS_LOG = "train_metrics.jsonl"  # every log step's metrics, written on the driver by metrics_log_callback
 
 
@@ -96,7 +108,8 @@ class LoopSpec:
     strategy: str = "ddp"  # ddp | fsdp
     checkpoint_every: int = 200
     log_every: int = 10
-    shuffle_buffer: int = 256  # rows; per-epoch local shuffle seeded by (seed, epoch); 0 = stream order
+    shuffle: bool = True  # a global permutation of all rows per epoch, seeded by (seed, epoch)
+    cpu_threads: int = 1  # torch threads per CPU worker: the worker's CPU resources, set explicitly
     # extra global counts the forward accepts: num_samples_in_batch, num_quality_tokens_in_batch
     count_kwargs: tuple[str, ...] = ()
     quality_token_scope: str = "all"  # which tokens num_quality_tokens_in_batch counts (all | trained)
@@ -166,6 +179,8 @@ def fit(
     total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
     if spec.fail_once is None and os.environ.get(FAIL_ONCE_ENV):
         spec = _replace(spec, fail_once=os.environ[FAIL_ONCE_ENV])
+    cpus = (resources_per_worker or {}).get("CPU", 1)
+    spec = _replace(spec, cpu_threads=max(1, int(cpus)))
     storage_path = resolve_storage(storage_path)
     _check_storage(storage_path)
     if metrics_dir is not None:
@@ -193,7 +208,11 @@ def fit(
             callbacks=callbacks,
         ),
         datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=options, enable_shard_locality=False),
+        # every worker reads the whole (materialised) dataset; the loop picks its rows from the epoch's
+        # global permutation, so the order is global and independent of Ray Data's split
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=options, enable_shard_locality=False
+        ),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -233,14 +252,16 @@ def _check_storage(storage_path: str) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function: :func:`_train` under deterministic CPU kernels (see ``determinism``)."""
+    """The Ray Train worker function: :func:`_train` under deterministic CPU kernels (see ``determinism``)
+    with the torch thread count the worker's resources asked for (never an inherited ``OMP_NUM_THREADS``)."""
     import ray.train.torch
 
-    from selectmoe.training.determinism import deterministic_cpu
+    from selectmoe.training.determinism import deterministic_cpu, torch_threads
 
+    spec: LoopSpec = config["spec"]
     device = ray.train.torch.get_device()
-    with deterministic_cpu(enabled=device.type == "cpu"):
-        _train(config["spec"], device)
+    with torch_threads(spec.cpu_threads), deterministic_cpu(enabled=device.type == "cpu"):
+        _train(spec, device)
 
 
 def _train(spec: LoopSpec, device: torch.device) -> None:
@@ -249,16 +270,21 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     import torch.distributed as dist
     from transformers import get_scheduler
 
+    from selectmoe.model.precision import keep_fp32_modules
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    fsdp = spec.strategy == "fsdp" and distributed
     on_gpu = device.type == "cuda"
-    ga, per_epoch, n_total = total_steps(spec, world)
+    _, per_epoch, n_total = total_steps(spec, world)
+    rows = load_rows(ray.train.get_dataset_shard("train"), spec.n_rows)
 
     _seed_all(spec.seed)
     model = spec.model_fn()
-    if on_gpu and spec.bf16:
-        model.to(torch.bfloat16)  # frozen weights in bf16; trainable params back to fp32 below
+    if on_gpu and spec.bf16 and not fsdp:
+        model.to(torch.bfloat16)  # frozen weights in bf16 (FSDP: fp32 shards, bf16 compute by its policy)
+        keep_fp32_modules(model)  # quality gates and routers stay fp32 (the model's _keep_in_fp32_modules)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -269,15 +295,16 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         raise ValueError("model_fn returned a model with no trainable parameters")
 
     state = _load_checkpoint(spec, model, rank, world)
-    if spec.strategy == "fsdp" and world > 1:
-        model = ray.train.torch.prepare_model(
-            model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
-        )
+    if fsdp:
+        from selectmoe.training.fsdp import shard_model
+
+        model = shard_model(model, device, bf16=on_gpu and spec.bf16)
+        inner = model
     else:
-        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-    inner = getattr(model, "module", model)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if distributed else None)
+        inner = getattr(model, "module", model)
     named = dict(inner.named_parameters())
-    params = [named[n] for n in trainable_names if n in named]
+    params = [named[n] for n in trainable_names]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(
         spec.scheduler,
@@ -290,13 +317,12 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     carry: dict[str, Any] = {"tokens_seen": 0.0, "before": {}, "last_eval": {}}
     if state is not None:
         carry.update(state.get("carry") or {})
-        _restore_optimizer(optimizer, scheduler, trainable_names, state)
+        _restore_optimizer(optimizer, scheduler, trainable_names, params, state)
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         logger.info(
             "rank %d resumed at step %d (epoch %d, step %d in epoch)", rank, step, epoch, step_in_epoch
         )
 
-    shard = ray.train.get_dataset_shard("train")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
     )
@@ -304,18 +330,21 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     reports = _ReportClock(controller_poll_s())
     history: list[dict[str, Any]] = []  # log-step metrics not reported yet
     last_metrics: dict[str, Any] = {}
+    ckpt = _Checkpointer(spec, inner, optimizer, scheduler, trainable_names, rank, world)
     if spec.eval_before and state is None:
-        before = _run_eval(spec, model, rank, distributed)
+        before = _run_eval(spec, model, rank, distributed, fsdp)
         carry["before"] = {f"{k}_before": v for k, v in before.items()}
         carry["last_eval"] = dict(before)
     model.train()
     while step < n_total and epoch < spec.epochs:
-        batches = _micro_batches(shard, spec, epoch, device)
-        for _ in range(step_in_epoch * ga):  # replay the consumed part of the epoch deterministically
-            next(batches)
+        order = epoch_order(spec.n_rows, spec.seed, epoch, spec.shuffle)
         while step_in_epoch < per_epoch and step < n_total:
             _seed_all(spec.seed + 1_000_003 * (step + 1) + rank)
-            group = [next(batches) for _ in range(ga)]
+            mine = worker_rows(order, step_in_epoch, spec.batch_size, world, rank)
+            group = [
+                collate_rows(rows, mine[i : i + spec.micro_batch_size], spec.pad_token_id, device)
+                for i in range(0, len(mine), spec.micro_batch_size)
+            ]
             counts = _global_counts(group, spec.quality_token_scope, device, distributed)
             forward_backward(
                 model,
@@ -328,10 +357,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
                 distributed=distributed,
                 on_output=lambda out, mb: window.add_outputs(out, mb, spec.metrics_fn),
             )
-            if hasattr(model, "clip_grad_norm_"):  # FSDP
-                grad_norm = model.clip_grad_norm_(spec.max_grad_norm)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
             window.add_step(float(grad_norm), float(counts["n_tokens"]))
             carry["tokens_seen"] += float(counts["n_tokens"])
             lr = scheduler.get_last_lr()[0]
@@ -350,27 +376,14 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
             entry.update(step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"])
             history.append(entry)
             if epoch_end or last:
-                carry["last_eval"] = _run_eval(spec, model, rank, distributed) or carry["last_eval"]
+                carry["last_eval"] = _run_eval(spec, model, rank, distributed, fsdp) or carry["last_eval"]
                 model.train()
             elif not (is_ckpt or reports.due(device, distributed)):
                 continue
             # this step's metrics, the latest eval (Tune needs it in every report), the unreported log steps
             metrics = {**entry, **carry["before"], **carry["last_eval"], "log_history": history}
             after = (epoch + 1, 0) if epoch_end else (epoch, step_in_epoch)
-            _report(
-                spec,
-                inner,
-                optimizer,
-                scheduler,
-                trainable_names,
-                metrics,
-                is_ckpt,
-                step,
-                after,
-                rank,
-                world,
-                carry,
-            )
+            ckpt.report(metrics, with_ckpt=is_ckpt, step=step, after=after, carry=carry)
             reports.mark()
             history = []
             last_metrics = metrics
@@ -379,8 +392,58 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         metrics = {"step": step, "epoch": round(step / per_epoch, 6), "tokens_seen": carry["tokens_seen"]}
         metrics.update(carry["before"])
         metrics.update(carry["last_eval"])
-        args = (optimizer, scheduler, trainable_names, metrics, True, step, (epoch, 0), rank, world, carry)
-        _report(spec, inner, *args)
+        ckpt.report(metrics, with_ckpt=True, step=step, after=(epoch, 0), carry=carry)
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The global row order of one epoch: a permutation seeded by ``(seed, epoch)`` (or file order).
+
+    Every worker computes the same order; step ``t`` trains on rows ``order[t*B:(t+1)*B]`` whatever the
+    world size, so resuming only needs the position and 1 worker sees the batches 4 workers would."""
+    if not shuffle:
+        return np.arange(n_rows)
+    return np.random.default_rng([int(seed) % 2**32, int(epoch)]).permutation(n_rows)
+
+
+def worker_rows(order: np.ndarray, step_in_epoch: int, batch_size: int, world: int, rank: int) -> np.ndarray:
+    """This worker's rows of global batch ``step_in_epoch``: its contiguous ``batch_size / world`` slice."""
+    per_worker = batch_size // world
+    start = step_in_epoch * batch_size + rank * per_worker
+    return order[start : start + per_worker]
+
+
+def load_rows(shard, n_rows: int):
+    """The whole encoded dataset as one Arrow table (``input_ids``/``labels``), in the dataset's order."""
+    import pyarrow as pa
+
+    batches = [
+        b.select(["input_ids", "labels"]) for b in shard.iter_batches(batch_format="pyarrow", batch_size=4096)
+    ]
+    table = pa.concat_tables(batches) if batches else None
+    got = 0 if table is None else table.num_rows
+    if got != n_rows:
+        raise ValueError(f"the training dataset has {got} rows, the loop was told {n_rows}")
+    return table.combine_chunks()
+
+
+def collate_rows(table, indices: np.ndarray, pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Rows ``indices`` of the Arrow table, padded (THE padding: ``data.encoding.pad_batch``)."""
+    from selectmoe.data.encoding import pad_batch
+
+    taken = table.take(indices)
+    items = [
+        {"input_ids": x, "labels": y}
+        for x, y in zip(
+            taken.column("input_ids").to_pylist(), taken.column("labels").to_pylist(), strict=True
+        )
+    ]
+    tensors = pad_batch(items, pad_token_id)
+    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 grads, norms, optimizer moments) gathered whole; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def forward_backward(
@@ -404,7 +467,12 @@ def forward_backward(
     total = torch.zeros((), dtype=torch.float32)
     n = len(group)
     for i, mb in enumerate(group):
-        sync = i == n - 1 or not distributed or not hasattr(model, "no_sync")
+        sync = i == n - 1 or not distributed
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last one only
+            model.set_requires_gradient_sync(sync)
+            sync = True
+        elif not hasattr(model, "no_sync"):
+            sync = True
         with contextlib.nullcontext() if sync else model.no_sync(), autocast or contextlib.nullcontext():
             out = model(
                 input_ids=mb["input_ids"],
@@ -443,19 +511,6 @@ def _maybe_fail(fail_once: str | None, step: int, rank: int) -> None:
     if step == int(at) and not Path(marker).exists():
         Path(marker).write_text(f"failed once at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
-
-
-def _micro_batches(shard, spec: LoopSpec, epoch: int, device) -> Iterator[dict[str, torch.Tensor]]:
-    kwargs: dict[str, Any] = {}
-    if spec.shuffle_buffer > 0:
-        kwargs = {
-            "local_shuffle_buffer_size": spec.shuffle_buffer,
-            "local_shuffle_seed": spec.seed * 7919 + epoch,
-        }
-    for batch in shard.iter_batches(
-        batch_size=spec.micro_batch_size, batch_format="numpy", drop_last=True, **kwargs
-    ):
-        yield collate(batch, spec.pad_token_id, device)
 
 
 def collate(batch: dict[str, np.ndarray], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -619,14 +674,16 @@ class _ReportClock:
         self.last = time.perf_counter()
 
 
-def _run_eval(spec: LoopSpec, model, rank: int, distributed: bool) -> dict[str, float]:
+def _run_eval(spec: LoopSpec, model, rank: int, distributed: bool, fsdp: bool) -> dict[str, float]:
+    """``eval_fn`` on rank 0 (DDP) or on every rank (FSDP: each forward all-gathers the shards, so every
+    rank runs the same forwards); rank 0's values are broadcast."""
     import torch.distributed as dist
 
     if spec.eval_fn is None:
         return {}
     result: list[Any] = [None]
-    if rank == 0:
-        inner = getattr(model, "module", model)
+    if rank == 0 or fsdp:
+        inner = model if fsdp else getattr(model, "module", model)
         inner.eval()
         on_gpu = next(inner.parameters()).device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
@@ -640,57 +697,57 @@ def _run_eval(spec: LoopSpec, model, rank: int, distributed: bool) -> dict[str, 
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
-def _report(
-    spec, inner, optimizer, scheduler, names, metrics, with_ckpt, step, after, rank, world, carry
-) -> None:
-    import ray.train
+@dataclass
+class _Checkpointer:
+    """Reports (with a checkpoint on checkpoint steps). Checkpoints hold full tensors, written by rank 0:
+    under FSDP every rank takes part in gathering the shards (``full_tensor``), so a checkpoint does not
+    depend on how the run was sharded."""
 
-    if not with_ckpt:
-        ray.train.report(metrics)
-        return
-    fsdp = spec.strategy == "fsdp" and world > 1
-    with tempfile.TemporaryDirectory(prefix="selectmoe-ckpt-") as tmp:
-        if rank == 0 or fsdp:
-            args = (names, step, after, rank, world, fsdp, carry)
-            _write_checkpoint(Path(tmp), spec, inner, optimizer, scheduler, *args)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or fsdp) else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
+    spec: LoopSpec
+    inner: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    names: list[str]
+    rank: int
+    world: int
 
+    def report(self, metrics, *, with_ckpt: bool, step: int, after: tuple[int, int], carry) -> None:
+        import ray.train
 
-def _write_checkpoint(
-    tmp: Path, spec, inner, optimizer, scheduler, names, step, after, rank, world, fsdp, carry
-) -> None:
-    from safetensors.torch import save_file
+        if not with_ckpt:
+            ray.train.report(metrics)
+            return
+        trainable = {k: _full(v.detach()) for k, v in self.spec.export_fn(self.inner).items()}
+        moments = {
+            f"{self.names[idx]}::{key}": _full(value.detach())
+            for idx, pstate in self.optimizer.state_dict()["state"].items()
+            for key, value in pstate.items()
+            if isinstance(value, torch.Tensor)
+        }
+        with tempfile.TemporaryDirectory(prefix="selectmoe-ckpt-") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                self._write(Path(tmp), trainable, moments, step, after, carry)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
 
-    if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def _write(self, tmp: Path, trainable, moments, step, after, carry) -> None:
+        from safetensors.torch import save_file
 
-        ctx = FSDP.summon_full_params(inner, writeback=False, rank0_only=True)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:
-        if rank == 0:
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in spec.export_fn(inner).items()}
-            save_file(tensors, str(tmp / TRAINABLE_FILE))
-    opt = optimizer.state_dict()
-    tensors = {}
-    for idx, pstate in opt["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{names[idx]}::{key}"] = value.detach().cpu().contiguous()
-    save_file(tensors, str(tmp / (f"optimizer.rank{rank}.safetensors" if fsdp else "optimizer.safetensors")))
-    if rank == 0:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        plain = {k: v.float().cpu().contiguous() for k, v in trainable.items()}
+        save_file(plain, str(tmp / TRAINABLE_FILE))
+        save_file({k: v.cpu().contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = {
             "step": step,
             "epoch": after[0],
             "step_in_epoch": after[1],
-            "world_size": world,
-            "batch_size": spec.batch_size,
-            "micro_batch_size": spec.micro_batch_size,
-            "param_names": names,
-            "optimizer_param_groups": groups,
-            "scheduler": _jsonable(scheduler.state_dict()),
+            "world_size": self.world,
+            "batch_size": self.spec.batch_size,
+            "micro_batch_size": self.spec.micro_batch_size,
+            "param_names": self.names,
+            "optimizer_param_groups": _jsonable(groups),
+            "scheduler": _jsonable(self.scheduler.state_dict()),
             "carry": _jsonable(carry),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -707,7 +764,7 @@ def _jsonable(obj):
 
 
 def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, Any] | None:
-    """Load trainable tensors into ``model`` (before DDP wrap); returns the state dict or None."""
+    """Load trainable tensors into ``model`` (before DDP wrap / FSDP sharding); returns the state or None."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -730,19 +787,23 @@ def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, 
                 f"needs the same (got {world}, {spec.batch_size}, {spec.micro_batch_size})"
             )
         spec.import_fn(model, load_file(str(d / TRAINABLE_FILE)))
-        opt_file = d / "optimizer.safetensors"
-        if not opt_file.exists():
-            opt_file = d / f"optimizer.rank{rank}.safetensors"
-        state["optimizer_tensors"] = load_file(str(opt_file))
+        state["optimizer_tensors"] = load_file(str(d / OPTIMIZER_FILE))
     return state
 
 
-def _restore_optimizer(optimizer, scheduler, names: list[str], state: dict[str, Any]) -> None:
+def _restore_optimizer(optimizer, scheduler, names: list[str], params, state: dict[str, Any]) -> None:
+    """AdamW moments from full tensors; a sharded (DTensor) parameter gets its moments sharded alike."""
     index = {n: i for i, n in enumerate(names)}
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state["optimizer_tensors"].items():
         name, field_name = key.rsplit("::", 1)
-        per_param.setdefault(index[name], {})[field_name] = value
+        i = index[name]
+        param = params[i]
+        if hasattr(param, "device_mesh") and value.dim() > 0:
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        per_param.setdefault(i, {})[field_name] = value
     current = optimizer.state_dict()
     groups = []
     for group, saved in zip(current["param_groups"], state["optimizer_param_groups"], strict=True):
