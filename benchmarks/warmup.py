@@ -1,4 +1,5 @@
-"""Warmup training throughput: the Ray Train loop (1 worker) vs a bare single-process loop, same batches.
+"""Warmup training throughput: the Ray Train loop (1 worker) vs a bare single-process loop and vs HF
+``Trainer`` (one process, the anchor for "use the well-kept loop"), same rows and batches.
 
 Both run THE step (``selectmoe.training.loop.forward_backward`` with global counts, clip, AdamW, schedule)
 on the same synthetic rows, micro-batched the same way; the ratio ``ray / bare`` of non-pad tokens/s
@@ -90,6 +91,46 @@ def bare_loop(factory, rows, *, spec, warmup_steps: int) -> dict:
     return {"tokens_per_s": tokens / wall, "steps_timed": n_steps - warmup_steps, "wall_s": wall}
 
 
+def hf_trainer_loop(factory, rows, *, spec, warmup_steps: int, out_dir: str) -> dict:
+    """The HF ``Trainer`` anchor: same model, rows (in order), micro-batches, GA, AdamW, clip; one process.
+
+    Tokens/s over the steps after ``warmup_steps``: the collator counts each micro-batch's non-pad tokens,
+    a callback stamps each optimizer step's end."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from selectmoe.training.loop import collate
+
+    tokens: list[int] = []
+
+    def collator(items):
+        batch = collate({k: np.array([r[k] for r in items], dtype=object) for k in ("input_ids", "labels")},
+                        spec.pad_token_id)  # fmt: skip
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    ga = spec.batch_size // spec.micro_batch_size
+    n_steps = len(rows) // spec.batch_size
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=spec.micro_batch_size, gradient_accumulation_steps=ga,
+        max_steps=n_steps, learning_rate=spec.lr, lr_scheduler_type=spec.scheduler, weight_decay=0.0,
+        max_grad_norm=spec.max_grad_norm, report_to="none", save_strategy="no", logging_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, seed=spec.seed, disable_tqdm=True,
+        remove_unused_columns=False, train_sampling_strategy="sequential",
+    )  # fmt: skip
+    model = factory()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Stamp()])
+    trainer.train()
+    timed = tokens[warmup_steps * ga : n_steps * ga]
+    wall = stamps[n_steps - 1] - stamps[warmup_steps - 1]
+    return {"tokens_per_s": sum(timed) / wall, "steps_timed": n_steps - warmup_steps, "wall_s": wall}
+
+
 def ray_loop(spec, rows, storage: str) -> dict:
     import ray
     import ray.data
@@ -157,6 +198,9 @@ def cpu_compare(args) -> dict:
         )  # fmt: skip
         torch.set_num_threads(1)  # a Ray worker with 1 CPU gets 1 thread: compare like with like
         bare = bare_loop(factory, rows, spec=spec, warmup_steps=args.log_every)
+        hf = hf_trainer_loop(
+            factory, rows, spec=spec, warmup_steps=args.log_every, out_dir=str(Path(tmp) / "hf")
+        )
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         train = ray_loop(spec, rows, str(Path(tmp) / "ray"))
@@ -168,7 +212,10 @@ def cpu_compare(args) -> dict:
         "length": args.length,
         "bare_tokens_per_s": round(bare["tokens_per_s"], 1),
         "ray_tokens_per_s": round(train["tokens_per_s"], 1),
+        "hf_trainer_tokens_per_s": round(hf["tokens_per_s"], 1),
         "ratio": round(train["tokens_per_s"] / bare["tokens_per_s"], 3),
+        "ratio_vs_hf_trainer": round(train["tokens_per_s"] / hf["tokens_per_s"], 3),
+        "hf_trainer_vs_bare": round(hf["tokens_per_s"] / bare["tokens_per_s"], 3),
         "ray_fit_wall_s": round(train["fit_wall_s"], 1),
         "goal": ">= 0.95",
     }

@@ -9,8 +9,9 @@ import torch
 
 import selectmoe  # noqa: F401
 from selectmoe.model import apply_trainable, register_quality_loss
-from selectmoe.model.losses import count_kwargs, quality_loss
+from selectmoe.model.losses import quality_loss
 from selectmoe.model.tiny import build_tiny_select_moe, train_bpe_tokenizer
+from selectmoe.training.loop import global_counts
 
 LOSS_TYPES = ["sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization", "custom"]
 
@@ -69,6 +70,14 @@ def test_quality_loss_values_by_hand():
         quality_loss([s], mask, loss_type="nope")
 
 
+def _counts(batches, scope):
+    """The step's global counts, as the loop passes them to every micro-batch forward."""
+    counts = global_counts(batches, scope)
+    return {
+        k: counts[k] for k in ("num_items_in_batch", "num_samples_in_batch", "num_quality_tokens_in_batch")
+    }
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -80,14 +89,14 @@ def test_gradient_accumulation_is_exact(tok, sample_wise, scope):
     full = build_tiny_select_moe(tok, seed=0, **kw)
     apply_trainable(full, "full_rank")
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    counts = count_kwargs([batch], scope)
+    counts = _counts([batch], scope)
     full(**batch, **counts).loss.backward()
     ref = _grads(full)
 
     ga = build_tiny_select_moe(tok, seed=0, **kw)
     apply_trainable(ga, "full_rank")
     micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
-    counts = count_kwargs(micro, scope)
+    counts = _counts(micro, scope)
     for mb in micro:
         ga(**mb, **counts).loss.backward()
     got = _grads(ga)
@@ -95,66 +104,6 @@ def test_gradient_accumulation_is_exact(tok, sample_wise, scope):
     for name in ref:
         assert float(ref[name].abs().max()) > 0
         assert torch.allclose(got[name], ref[name], atol=1e-5, rtol=0), name
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0]
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
-def _trainer_update(tok, batch, tmp_path, *, per_device: int, ga: int) -> dict[str, torch.Tensor]:
-    from transformers import TrainingArguments, default_data_collator
-
-    from selectmoe.model.losses import SelectMoeTrainer
-
-    model = build_tiny_select_moe(tok, seed=0, quality_gate_init_bias=0.5)
-    apply_trainable(model, "full_rank")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"t{ga}"),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        weight_decay=0.0,
-        max_grad_norm=0.0,  # no clipping: the update is exactly -lr * grad
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = SelectMoeTrainer(
-        model=model, args=args, train_dataset=_Rows(batch), data_collator=default_data_collator
-    )
-    trainer.train()
-    return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
-
-
-def test_trainer_gradient_accumulation_is_exact(tok, tmp_path):
-    ids, mask, labels = _batch(len(tok), tok.pad_token_id, seed=1)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    full = _trainer_update(tok, batch, tmp_path, per_device=8, ga=1)
-    accum = _trainer_update(tok, batch, tmp_path, per_device=2, ga=4)
-    # the plain loop with global counts gives the same gradient
-    ref_model = build_tiny_select_moe(tok, seed=0, quality_gate_init_bias=0.5)
-    apply_trainable(ref_model, "full_rank")
-    ref_model(**batch, **count_kwargs([batch], "all")).loss.backward()
-    ref = _grads(ref_model)
-    for name, delta in full.items():
-        assert float(delta.abs().max()) > 0
-        assert torch.allclose(accum[name], delta, atol=1e-5, rtol=0), name
-        assert torch.allclose(delta, ref[name], atol=1e-5, rtol=0), name
 
 
 def test_quality_loss_debug_logs(tok, caplog):

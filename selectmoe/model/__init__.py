@@ -28,7 +28,6 @@ _LAZY = {
     "TRAINABLE_MODES": "selectmoe.model.trainable",
     "save_selector": "selectmoe.model.artifact",
     "load_selector": "selectmoe.model.artifact",
-    "SelectMoeTrainer": "selectmoe.model.losses",
 }
 
 

@@ -192,79 +192,8 @@ def batch_share(
     return 1.0
 
 
-def count_kwargs(batches: Sequence[Mapping[str, torch.Tensor]], scope: str) -> dict[str, torch.Tensor]:
-    """Global counts over the micro-batches of one optimizer step (pass them to every micro-batch forward):
-    ``num_items_in_batch`` (shifted label tokens), ``num_samples_in_batch`` (samples with at least one
-    counted token) and ``num_quality_tokens_in_batch`` (tokens counted by ``scope``)."""
-    from selectmoe.model.stats import token_mask_for_scope
-
-    n_items = n_samples = n_quality = 0
-    for b in batches:
-        labels = b.get("labels")
-        mask = token_mask_for_scope(b.get("attention_mask"), labels, scope)
-        if labels is not None:
-            n_items += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        n_samples += int(mask.any(dim=1).sum())
-        n_quality += int(mask.sum())
-    return {
-        "num_items_in_batch": torch.tensor(max(n_items, 1)),
-        "num_samples_in_batch": torch.tensor(max(n_samples, 1)),
-        "num_quality_tokens_in_batch": torch.tensor(max(n_quality, 1)),
-    }
-
-
-def _build_trainer_class():
-    from transformers import Trainer
-
-    class SelectMoeTrainer(Trainer):
-        """HF ``Trainer`` with exact gradient accumulation for Select-MoE.
-
-        The Trainer counts only ``num_items_in_batch``; this subclass also counts the samples and quality
-        tokens of the whole accumulated batch (``get_batch_samples``, gathered across processes) and passes
-        them to every micro-batch forward, so the quality loss is normalised by global counts too.
-        """
-
-        _select_counts: dict | None = None
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            model = self.accelerator.unwrap_model(self.model)
-            scope = getattr(getattr(model, "config", None), "quality_token_scope", "all")
-            counts = None
-            if batch_samples and "labels" in batch_samples[0]:
-                c = count_kwargs(batch_samples, scope)
-                counts = {k: c[k] for k in ("num_samples_in_batch", "num_quality_tokens_in_batch")}
-                if self.args.world_size > 1:
-                    counts = {k: self.accelerator.gather(v.to(device)).sum() for k, v in counts.items()}
-                counts = {k: v.to(device) for k, v in counts.items()}
-            self._select_counts = counts
-            return batch_samples, num_items
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and self._select_counts is not None and num_items_in_batch is not None:
-                inputs = {**inputs, **self._select_counts}
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-
-    return SelectMoeTrainer
-
-
-_LAZY: dict[str, Any] = {}
-
-
-def __getattr__(name: str):
-    if name == "SelectMoeTrainer":  # lazy: importing transformers.Trainer is slow
-        if name not in _LAZY:
-            _LAZY[name] = _build_trainer_class()
-        return _LAZY[name]
-    raise AttributeError(name)
-
-
 __all__ = [
-    "SelectMoeTrainer",  # noqa: F822 (lazy, module __getattr__)
     "batch_share",
-    "count_kwargs",
     "get_quality_loss",
     "lm_loss",
     "load_balancing_loss",

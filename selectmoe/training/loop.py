@@ -327,6 +327,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
     )
     window = _Window(device)
+    peak = _PeakMemory(device)  # from here on: after sharding, so it measures what training holds
     reports = _ReportClock(controller_poll_s())
     history: list[dict[str, Any]] = []  # log-step metrics not reported yet
     last_metrics: dict[str, Any] = {}
@@ -374,6 +375,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
                 continue
             entry = window.flush(distributed)
             entry.update(step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"])
+            entry["peak_mem_mb"] = peak.mb()
             history.append(entry)
             if epoch_end or last:
                 carry["last_eval"] = _run_eval(spec, model, rank, distributed, fsdp) or carry["last_eval"]
@@ -388,6 +390,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
             history = []
             last_metrics = metrics
         epoch, step_in_epoch = epoch + 1, 0
+    peak.stop()
     if not last_metrics:  # resumed from a final checkpoint: report it again so the run has a result
         metrics = {"step": step, "epoch": round(step / per_epoch, 6), "tokens_seen": carry["tokens_seen"]}
         metrics.update(carry["before"])
@@ -611,6 +614,47 @@ class _Window:
         metrics["tokens_per_s"] = self.tokens / elapsed  # global tokens (all workers) per second
         self.reset()
         return metrics
+
+
+class _PeakMemory:
+    """Peak memory of this worker since training started: CUDA's allocator peak on GPU; on CPU the peak
+    resident set, sampled every 20 ms by a daemon thread (``ru_maxrss`` would include the full model that
+    every rank builds before FSDP shards it)."""
+
+    def __init__(self, device) -> None:
+        import threading
+
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+        self._done = threading.Event()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._sample()
+        threading.Thread(target=self._run, daemon=True, name="selectmoe-peak-rss").start()
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                self.peak = max(self.peak, int(fh.read().split()[1]) * self._page)
+        except OSError:  # not Linux: the process peak is the best there is
+            import resource
+
+            self.peak = max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self._sample()
+
+    def mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        self._sample()
+        return self.peak / 2**20
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 def resolve_storage(storage_path: str) -> str:
