@@ -328,6 +328,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     )
     window = _Window(device)
     peak = _PeakMemory(device)  # from here on: after sharding, so it measures what training holds
+    param_mb = sum(_local(p).numel() * p.element_size() for p in inner.parameters()) / 2**20
     reports = _ReportClock(controller_poll_s())
     history: list[dict[str, Any]] = []  # log-step metrics not reported yet
     last_metrics: dict[str, Any] = {}
@@ -375,7 +376,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
                 continue
             entry = window.flush(distributed)
             entry.update(step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"])
-            entry["peak_mem_mb"] = peak.mb()
+            entry.update(peak_mem_mb=peak.mb(), param_mb=param_mb)  # this worker's (rank 0's)
             history.append(entry)
             if epoch_end or last:
                 carry["last_eval"] = _run_eval(spec, model, rank, distributed, fsdp) or carry["last_eval"]
@@ -442,6 +443,11 @@ def collate_rows(table, indices: np.ndarray, pad_token_id: int, device=None) -> 
     ]
     tensors = pad_batch(items, pad_token_id)
     return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This worker's part of a DTensor (FSDP2 shard); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -672,6 +678,7 @@ def metrics_log_callback(run_dir: str | Path, *, storage_path: str, name: str):
     from ray.train import UserCallback
 
     path = Path(run_dir) / METRICS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
     if "://" in storage_path or not (Path(storage_path) / name).exists():
         path.unlink(missing_ok=True)
 
