@@ -22,7 +22,7 @@ from typing import Any
 MANIFEST_NAME = "_manifest.json"
 _TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow", "numpy")
 # Every file is hashed whole: a head+tail sample misses a same-size edit in the middle, and sha256 with
-# the CPU's SHA extensions streams ~1.2 GB/s (0.10 s for a 125 MB pool file, docs/benchmarks.md).
+# the CPU's SHA extensions streams 0.5-1.2 GB/s (0.2 s for the 125 MB ShareGPT file, docs/benchmarks.md).
 _HASH_CHUNK = 1 << 20
 
 
