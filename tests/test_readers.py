@@ -112,6 +112,8 @@ def test_compressed_inputs_read_as_their_content(tmp_path: Path, name: str, pack
     assert [Path(s).name for s in res.shards] == ["00000-a-00000.parquet"]
     assert [r["id"] for r in iter_ingested_records(tmp_path / "out")] == [r["id"] for r in ROWS]
     assert [r["dataset"] for r in iter_ingested_records(tmp_path / "out")] == ["a"] * 5
+    by_name = ingest_pool([str(tmp_path / "pool" / name)], tmp_path / "out2")  # named, not found in a dir
+    assert (by_name.n_valid, by_name.n_rejected) == (5, 0)
 
 
 def test_compression_refused_by_name(tmp_path: Path):
@@ -130,23 +132,25 @@ def test_compression_refused_by_name(tmp_path: Path):
 def test_binary_and_misnamed_files_are_one_rejection(tmp_path: Path, caplog):
     (tmp_path / "gz.jsonl").write_bytes(gzip.compress(jsonl(ROWS * 200)))  # compressed, plain name
     (tmp_path / "bin.jsonl").write_bytes(b'{"a": 1}\n' + bytes(range(256)) * 64)
+    (tmp_path / "u16.json").write_bytes(json.dumps(ROWS).encode("utf-16"))
     broken = gzip.compress(jsonl([{"messages": msgs(f"q {i} " * 20)} for i in range(2000)]))
     (tmp_path / "cut.jsonl.gz").write_bytes(broken[: len(broken) // 2])  # an unreadable (cut) archive
     with caplog.at_level(logging.WARNING):
         res = ingest_pool(
-            [str(tmp_path / n) for n in ("gz.jsonl", "bin.jsonl", "cut.jsonl.gz")], tmp_path / "o"
+            [str(tmp_path / n) for n in ("gz.jsonl", "bin.jsonl", "u16.json", "cut.jsonl.gz")], tmp_path / "o"
         )
     got = [(Path(r["file"]).name, r["line"], r["reason"], r["detail"][:40]) for r in _rejects(tmp_path / "o")]
     cut = [g for g in got if g[0] == "cut.jsonl.gz"]
-    assert got[:2] == [
+    assert got[:3] == [
         ("gz.jsonl", 0, "binary_file", "gzip data, not text (name it *.jsonl.gz "),
         ("bin.jsonl", 0, "binary_file", "binary file: NUL byte at offset 9"),
+        ("u16.json", 0, "binary_file", "UTF-16 text, not UTF-8 (convert it: icon"),
     ]
     # the readable first half of the cut archive is kept; the rest is one read_error for the file
     assert [(g[1], g[2]) for g in cut] == [(0, "read_error")] and res.n_valid > 0
-    assert res.n_read == res.n_valid + 3
+    assert res.n_read == res.n_valid + 4
     warned = [r.getMessage() for r in caplog.records if "pool file not read" in r.getMessage()]
-    assert len(warned) == 3 and "gz.jsonl:0: binary_file" in warned[0]
+    assert len(warned) == 4 and "gz.jsonl:0: binary_file" in warned[0]
     with pytest.raises(ValueError, match=r"gz\.jsonl:0: binary_file"):
         ingest_pool([str(tmp_path / "gz.jsonl")], tmp_path / "s", strict=True)
 

@@ -52,6 +52,8 @@ _MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"PK\x03\x04": "zip",
     b"PAR1": "Parquet",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
 }
 JSON_CHUNK = 1 << 20
 
@@ -287,9 +289,12 @@ def iter_rows(source: Source, *, parquet_batch_rows: int = 8192) -> Iterator[Raw
 def _binary_kind(head: bytes) -> str:
     """Why the leading bytes are not a text pool file ("" when they look like text)."""
     for magic, kind in _MAGIC.items():
-        if head.startswith(magic):
-            hint = "" if kind in ("zip", "Parquet") else f" (name it *.jsonl.{_ext_of(kind)} to have it read)"
-            return f"{kind} data, not text{hint}"
+        if not head.startswith(magic):
+            continue
+        if kind == "UTF-16":
+            return "UTF-16 text, not UTF-8 (convert it: iconv -f UTF-16 -t UTF-8)"
+        hint = "" if kind in ("zip", "Parquet") else f" (name it *.jsonl.{_ext_of(kind)} to have it read)"
+        return f"{kind} data, not text{hint}"
     nul = head.find(b"\x00")
     return f"binary file: NUL byte at offset {nul}" if nul >= 0 else ""
 
