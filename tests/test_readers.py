@@ -72,6 +72,10 @@ def test_json_row_of_many_chunks_and_tails():
         (2, "truncated_json", "Unterminated string starting at"),
     ]
     assert kinds(b'[{"a": 1},\n{bad}, {"c": 3}]')[1][:2] == (2, "broken_json")
+    tail = b", ".join([json.dumps({"id": f"t{i}", "messages": msgs("x" * 50)}).encode() for i in range(5000)])
+    broken = JsonStreamReader(io.BytesIO(b'[{"a": 1},\n{bad}, ' + tail + b"]"), chunk_size=4096)
+    assert [(r.line, r.error) for r in broken.rows()] == [(1, None), (2, "broken_json")]
+    assert broken.bytes_read == 4096  # reported from the first chunk of a 700 kB file
     assert kinds(b'[{"a": 1}]\nextra')[1] == (2, "broken_json", "data after the array")
     assert kinds(b'[{"a": 1}\n') == [(1, None, ""), (2, "truncated_json", "array not closed")]
     assert kinds(b'{"a": 1}\n\n{"b": 2}') == [(1, None, ""), (3, None, "")]  # concatenated objects
@@ -244,3 +248,22 @@ def test_validate_and_ingest_progress_bar(tmp_path: Path, capsys):
     assert "validate: " in err and "5 rows" in err and "rows/s" in err and "p.jsonl" in err
     ingest_pool([str(pool)], tmp_path / "o2")  # None: only on a terminal (pytest's stderr is not one)
     assert capsys.readouterr().err == ""
+
+
+def test_json_every_chunk_boundary_matches_json_loads():
+    """Tokens, escapes and multi-byte UTF-8 cut at every possible place still parse as json.loads does."""
+    values = [
+        1.5e10,
+        -0.25,
+        True,
+        False,
+        None,
+        "é✓ \u0041\\n",
+        {"k": [1, {"z": "日本"}]},
+        12345678901234567890,
+    ]
+    text = "[" + ",\n ".join(json.dumps(v, ensure_ascii=False) for v in values) + "]"
+    data = ("\ufeff" + text).encode()
+    for chunk in range(1, 40):
+        got = [(r.line, r.obj) for r in JsonStreamReader(io.BytesIO(data), chunk_size=chunk).rows()]
+        assert got == list(zip(range(1, 9), values)), chunk

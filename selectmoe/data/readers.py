@@ -361,6 +361,7 @@ def _is_native(fh) -> bool:
 
 
 _WS = re.compile(r"[ \t\r\n]*")
+_TOKEN_TAIL = 16  # an error this close to the buffer's end may be a token cut by the chunk boundary
 
 
 class JsonStreamReader:
@@ -388,14 +389,13 @@ class JsonStreamReader:
         self.peak_buffer = 0
         self.scanned = 0
         self.utf8_error = ""
+        self._started = False
 
     # -- buffer
     def _fill(self, size: int) -> bool:
         """Append up to ``size`` more bytes of text; False at the end of the file (or a UTF-8 error)."""
         if self.eof:
             return False
-        if self.pos:
-            self.buf, self.pos = self.buf[self.pos :], 0
         data = bytes(self._fh.read(size))
         try:
             text = self._decoder.decode(data, final=not data)
@@ -403,13 +403,17 @@ class JsonStreamReader:
             self.utf8_error = f"invalid UTF-8 byte at offset {self.bytes_read + exc.start} of the file"
             self.eof = True
             return False
-        if self.bytes_read == 0:
-            text = text.removeprefix("\ufeff")
+        if not self._started and text:  # the first decoded text (a BOM may span several reads)
+            text, self._started = text.removeprefix("\ufeff"), True
         self.bytes_read += len(data)
         self.eof = not data
+        if self.eof:  # the buffer (and every index into it) stays as it was
+            return False
+        if self.pos:  # drop what was read; the caller re-decodes from the new pos 0
+            self.buf, self.pos = self.buf[self.pos :], 0
         self.buf += text
         self.peak_buffer = max(self.peak_buffer, len(self.buf))
-        return bool(data)
+        return True
 
     def _advance(self, end: int) -> None:
         self.line += self.buf.count("\n", self.pos, end)
@@ -442,12 +446,17 @@ class JsonStreamReader:
             try:
                 obj, end = self._json.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                at_end = exc.pos >= len(self.buf) - 1 or exc.msg.startswith("Unterminated string")
-                if self._fill(size):
+                unterminated = exc.msg.startswith("Unterminated string")
+                at_end = exc.pos >= len(self.buf) - 1 or unterminated
+                # More text can only help an error near the buffer's end (a token cut by the chunk
+                # boundary: `1.5e+`, `tru`, `\u12`) or an open string; anything else is broken as is,
+                # so a broken row is reported without reading the rest of the file into memory.
+                may_continue = exc.pos >= len(self.buf) - _TOKEN_TAIL or unterminated
+                if may_continue and self._fill(size):
                     size *= 2
                     continue
                 return self._tail_row(TRUNCATED_JSON if at_end else BROKEN_JSON, exc.msg)
-            if end == len(self.buf) and self._fill(size):  # a number may continue in the next chunk
+            if end > len(self.buf) - _TOKEN_TAIL and self._fill(size):  # `1` may be `1.5e3` cut short
                 continue
             row = RawRow(self.line, obj=obj, raw=excerpt(self.buf[self.pos : min(end, self.pos + 2000)]))
             self._advance(end)
