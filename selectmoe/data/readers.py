@@ -182,8 +182,8 @@ def expand_inputs(
     A data file is ``*.jsonl``/``*.json``/``*.parquet``, optionally ``.gz``/``.bz2``/``.xz``/``.zst``.
     ``path#dataset=NAME`` names the dataset of every row of that input that has none.
     Order: inputs in the given order, each expanded in sorted order; duplicates removed (first kept).
-    Files a directory or glob leaves out (``_*``, ``.*``, other endings) are named in a warning, or an
-    error when ``strict``. Raises ``FileNotFoundError`` for an input that matches nothing.
+    Files a directory expansion leaves out (``_*``, ``.*``, other endings) are named in a warning, or an
+    error when ``strict``; a file named explicitly or matched by a glob is always read. Raises ``FileNotFoundError`` for an input that matches nothing.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
