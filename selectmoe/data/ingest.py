@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from selectmoe.data.readers import Source, expand_inputs, iter_rows
 from selectmoe.data.records import (
     DUPLICATE_ID,
+    FILE_REASONS,
     OVER_LONG,
     RecordError,
     canonical_messages,
@@ -50,6 +54,8 @@ FLAGGED_NAME = "flagged.jsonl"
 DEFAULT_MAX_CHARS = 100_000
 DEFAULT_CHUNK_ROWS = 50_000
 _WRITE_BATCH = 4096
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -209,47 +215,82 @@ def _validate_stream(
     max_chars: int,
     on_reject,
     on_flag,
+    strict: bool = False,
+    progress: bool | None = False,
 ) -> Iterator[tuple[int, Source, int, dict[str, Any]]]:
-    """Yield ``(file_index, source, line, record)`` for every valid row; report the rest via callbacks."""
+    """Yield ``(file_index, source, line, record)`` for every valid row; report the rest via callbacks.
+
+    An empty file, or one rejected as a whole (binary, unreadable), is also logged as a warning (an
+    error when ``strict``), so a pool that quietly loses a file does not pass unnoticed. ``progress``
+    shows a tqdm bar (rows/s) on stderr -- the CLI sets it.
+    """
     seen: dict[str, tuple[str, int]] = {}
-    for fi, src in enumerate(sources):
-        for row in iter_rows(src):
-            if row.error is not None:
-                on_reject(_Reject(src.name, row.line, row.error, row.raw, row.detail))
-                continue
-            try:
-                rec = normalize(row.obj, fmt=fmt, default_dataset=src.stem)
-            except RecordError as exc:
-                on_reject(_Reject(src.name, row.line, exc.reason, row.raw or excerpt(row.obj), exc.detail))
-                continue
-            if rec["id"] is None:
-                rec["id"] = stable_id(rec["dataset"], rec["messages"])
-            first = seen.get(rec["id"])
-            if first is not None:
-                on_reject(
-                    _Reject(
-                        src.name,
-                        row.line,
-                        DUPLICATE_ID,
-                        row.raw or excerpt(row.obj),
-                        f"id {rec['id']!r} first seen at {first[0]}:{first[1]}",
+    disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+    bar = tqdm(desc="validate", unit=" rows", file=sys.stderr, disable=disable, mininterval=0.5)
+    try:
+        for fi, src in enumerate(sources):
+            bar.set_postfix_str(src.name.rsplit("/", 1)[-1], refresh=False)
+            n_rows = 0
+            for row in iter_rows(src):
+                n_rows += 1
+                bar.update()
+                rec = _check_row(src, row, fmt, on_reject)
+                if rec is None:
+                    continue
+                first = seen.get(rec["id"])
+                if first is not None:
+                    on_reject(
+                        _Reject(
+                            src.name,
+                            row.line,
+                            DUPLICATE_ID,
+                            row.raw or excerpt(row.obj),
+                            f"id {rec['id']!r} first seen at {first[0]}:{first[1]}",
+                        )
                     )
-                )
-                continue
-            seen[rec["id"]] = (src.name, row.line)
-            size = n_chars(rec["messages"])
-            if size > max_chars:
-                on_flag(
-                    {
-                        "file": src.name,
-                        "line": row.line,
-                        "id": rec["id"],
-                        "reason": OVER_LONG,
-                        "n_chars": size,
-                        "max_chars": max_chars,
-                    }
-                )
-            yield fi, src, row.line, rec
+                    continue
+                seen[rec["id"]] = (src.name, row.line)
+                size = n_chars(rec["messages"])
+                if size > max_chars:
+                    on_flag(
+                        {
+                            "file": src.name,
+                            "line": row.line,
+                            "id": rec["id"],
+                            "reason": OVER_LONG,
+                            "n_chars": size,
+                            "max_chars": max_chars,
+                        }
+                    )
+                yield fi, src, row.line, rec
+            if n_rows == 0:
+                _warn_or_raise(f"pool file {src.name} is empty (no rows)", strict)
+    finally:
+        bar.close()
+
+
+def _check_row(src: Source, row, fmt: str, on_reject) -> dict[str, Any] | None:
+    """The normalised record with its id, or ``None`` after reporting the row as rejected."""
+    if row.error is not None:
+        reject = _Reject(src.name, row.line, row.error, row.raw, row.detail)
+        on_reject(reject)  # raises first when strict
+        if row.error in FILE_REASONS:
+            logger.warning("pool file not read: %s", reject.message())
+        return None
+    try:
+        rec = normalize(row.obj, fmt=fmt, default_dataset=src.dataset)
+    except RecordError as exc:
+        on_reject(_Reject(src.name, row.line, exc.reason, row.raw or excerpt(row.obj), exc.detail))
+        return None
+    if rec["id"] is None:
+        rec["id"] = stable_id(rec["dataset"], rec["messages"])
+    return rec
+
+
+def _warn_or_raise(msg: str, strict: bool) -> None:
+    if strict:
+        raise ValueError(f"{msg} (data.strict=true)")
+    logger.warning(msg)
 
 
 class _Sink:
@@ -287,15 +328,30 @@ def ingest_pool(
     strict: bool = False,
     max_chars: int = DEFAULT_MAX_CHARS,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool | None = None,
 ) -> IngestResult:
     """Validate ``inputs`` and write shards + rejected.jsonl + flagged.jsonl + _manifest.json to ``out_dir``.
 
     ``strict=True`` raises ``ValueError("invalid pool row: FILE:LINE: REASON (detail)")`` at the first bad
-    row and leaves ``out_dir`` untouched.
+    row (or at an empty / skipped / unreadable file) and leaves ``out_dir`` untouched. ``progress``: a
+    rows/s bar on stderr (``None``: only when stderr is a terminal).
     """
-    t0 = time.perf_counter()
     inputs = _as_list(inputs)
-    sources = expand_inputs(inputs)
+    sources = expand_inputs(inputs, strict=strict)
+    return _ingest(inputs, sources, out_dir, fmt, strict, max_chars, chunk_rows, progress)
+
+
+def _ingest(
+    inputs: list[str],
+    sources: list[Source],
+    out_dir: str | os.PathLike,
+    fmt: str,
+    strict: bool,
+    max_chars: int,
+    chunk_rows: int,
+    progress: bool | None,
+) -> IngestResult:
+    t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".ingest-tmp-{uuid.uuid4().hex[:8]}"
@@ -308,7 +364,13 @@ def ingest_pool(
         writers: dict[int, _ShardWriter] = {}
         current: _ShardWriter | None = None
         for fi, src, line, rec in _validate_stream(
-            sources, fmt=fmt, max_chars=max_chars, on_reject=sink.reject, on_flag=sink.flag
+            sources,
+            fmt=fmt,
+            max_chars=max_chars,
+            on_reject=sink.reject,
+            on_flag=sink.flag,
+            strict=strict,
+            progress=progress,
         ):
             if current is None or current.file_index != fi:
                 if current is not None:
@@ -365,12 +427,13 @@ def ensure_ingested(
     strict: bool = False,
     max_chars: int = DEFAULT_MAX_CHARS,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool | None = None,
 ) -> IngestResult:
     """The existing ingest when its manifest matches (config + input fingerprints + shards present)."""
     inputs = _as_list(inputs)
     out = Path(out_dir)
     config = _config(inputs, fmt, strict, max_chars, chunk_rows)
-    sources = expand_inputs(inputs)
+    sources = expand_inputs(inputs, strict=strict)
     if manifest_matches(out, config=config, inputs=[s.name for s in sources]):
         manifest = read_manifest(out) or {}
         names = (manifest.get("extra") or {}).get("shards", [])
@@ -387,7 +450,7 @@ def ensure_ingested(
                 n_files=int(c.get("n_files", len(sources))),
                 skipped=True,
             )
-    return ingest_pool(inputs, out, fmt=fmt, strict=strict, max_chars=max_chars, chunk_rows=chunk_rows)
+    return _ingest(inputs, sources, out, fmt, strict, max_chars, chunk_rows, progress)
 
 
 def list_shards(ingest_dir: str | os.PathLike) -> list[Path]:
@@ -429,10 +492,13 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS)
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        sources = expand_inputs(args.files)
+        sources = expand_inputs(args.files, strict=args.strict)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sink = _Sink(out / REJECTED_NAME, out / FLAGGED_NAME, args.strict)
@@ -444,6 +510,8 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
             max_chars=args.max_chars,
             on_reject=sink.reject,
             on_flag=sink.flag,
+            strict=args.strict,
+            progress=None,
         ):
             n_valid += 1
     except ValueError as exc:

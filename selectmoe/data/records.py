@@ -45,10 +45,11 @@ NON_STRING_CONTENT = "non_string_content"
 EMPTY_CONTENT = "empty_content"
 NO_USER_TURN = "no_user_turn"
 NO_ASSISTANT_TURN = "no_assistant_turn"
-BAD_ID = "bad_id"  # id present but not a string/int
-BAD_DATASET = "bad_dataset"  # dataset present but not a non-empty string
+BAD_ID = "bad_id"  # id present but not a string or an integer (bool, float, list, object)
+BAD_DATASET = "bad_dataset"  # dataset present but not a string (empty -> the input's dataset)
 DUPLICATE_ID = "duplicate_id"
 READ_ERROR = "read_error"  # the file (or a Parquet row group) could not be read at all
+BINARY_FILE = "binary_file"  # the whole file is not text (NUL bytes, compressed data under a plain name)
 REASONS = (
     BROKEN_JSON,
     TRUNCATED_JSON,
@@ -66,7 +67,9 @@ REASONS = (
     BAD_DATASET,
     DUPLICATE_ID,
     READ_ERROR,
+    BINARY_FILE,
 )
+FILE_REASONS = (READ_ERROR, BINARY_FILE)  # rejections of a whole file (or its unreadable rest)
 OVER_LONG = "over_long"  # a flag, not a rejection: the row is kept (and truncated at encoding)
 
 RAW_EXCERPT = 500
