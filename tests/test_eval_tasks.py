@@ -360,3 +360,19 @@ def test_pipeline_stops_before_any_training(tmp_path):
         [f"output_dir={run_dir}", "evaluate.tasks=[tydiqa_goldp]", f"evaluate.tydiqa_data={TYDIQA_DATA}"],
     )
     check_eval_tasks_offline(ok)
+
+
+def test_cli_run_of_the_paper_preset_fails_at_once_naming_the_keys(tmp_path, capsys):
+    from selectmoe.cli import main
+
+    required = [
+        "convert.source=/m",
+        "data.pool=[/d]",
+        "finetune.base_model=/t",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(["run", "olmoe_less", *required]) == 2
+    err = capsys.readouterr().err
+    for key in ("evaluate.mmlu_data=DIR", "evaluate.bbh_data=DIR", "evaluate.tydiqa_data=DIR"):
+        assert key in err
+    assert not (tmp_path / "run").exists()
