@@ -370,7 +370,12 @@ def test_offline_check_names_the_key_and_the_fix(tmp_path):
     (user / "gone.yaml").write_text(
         "task: my_gone\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: /nope/test.jsonl}\n"
     )
+    (user / "suite.yaml").write_text("group: my_suite\ntask: [my_gone, hellaswag]\n")
     for task, message in [
+        (
+            "my_suite",
+            r"'my_suite': task 'my_gone' .*does not exist\n.*'my_suite': 'hellaswag' is not in evaluate\.include_path",
+        ),
         (
             "my_hub",
             r"'my_hub': task 'my_hub' .*hub\.yaml\) reads dataset_path 'someone/dataset' from the hub",
