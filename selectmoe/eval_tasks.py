@@ -1,8 +1,9 @@
 """Local lm-eval task YAMLs: the demo task, the LESS evaluations (MMLU, BBH, TyDiQA) and ARC, offline.
 
 Every writer puts self-contained YAML files into ``tasks_dir``; evaluate them with
-``evaluate.include_path=[tasks_dir]`` (lm-eval's ``TaskManager(include_path=...)``; tasks found there take
-precedence over lm-eval's built-in ones of the same name). The few-shot counts live in the YAMLs.
+``evaluate.include_path=[tasks_dir]``. The evaluate stage resolves tasks in its include path only
+(``TaskManager(include_path=..., include_defaults=False)``): lm-eval's built-in tasks of the same names
+download from the hub. The few-shot counts live in the YAMLs.
 
 - :func:`write_demo_task`: ``selectmoe_demo``, a multiple-choice task over the demo eval JSONL, prompted
   with THE training chat template (``<|user|>\\n{question}\\n<|assistant|>\\n`` then the choice).

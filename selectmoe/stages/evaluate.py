@@ -236,6 +236,7 @@ def evaluate_model(
     limit: int | float | None = None,
     device: str = "auto",
     seed: int = 1234,
+    include_defaults: bool = False,
 ) -> dict[str, Any]:
     """lm-eval results (JSON-safe) for ``base_model`` (+ ``adapter_dir`` via peft), one model load, one
     ``simple_evaluate`` per few-shot group. Runs in-process or inside a Ray task."""
@@ -249,7 +250,11 @@ def evaluate_model(
     if adapter_dir is not None:
         model_args["peft"] = str(adapter_dir)
     lm = HFLM(**model_args, batch_size=batch_size, device=device)
-    task_manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    # Tasks resolve within include_path only (what check_tasks_offline verified): lm-eval's built-in tasks
+    # download from the hub, and indexing their ~14k YAMLs costs seconds per run.
+    task_manager = TaskManager(
+        include_path=[str(p) for p in include_path] or None, include_defaults=include_defaults
+    )
     merged: dict[str, Any] = {}
     for shots, group in group_by_fewshot(list(tasks), num_fewshot).items():
         out = lm_eval.simple_evaluate(
