@@ -276,6 +276,45 @@ def test_tydiqa_prompt_is_in_language_with_an_in_language_exemplar(tmp_path):
     }
 
 
+def test_every_shipped_tydiqa_language_renders_with_its_own_exemplar(tmp_path):
+    import lm_eval.tasks
+
+    languages = [
+        "arabic",
+        "bengali",
+        "english",
+        "finnish",
+        "indonesian",
+        "korean",
+        "russian",
+        "swahili",
+        "telugu",
+    ]
+
+    def squad(kind: str) -> dict:
+        return {"data": [{"title": lang, "paragraphs": [{"context": f"{kind}-passage-{lang}", "qas": [
+            {"id": f"{lang}-{kind}-0", "question": f"{kind}-question-{lang}", "answers": [{"text": lang}]}]}]}
+            for lang in languages]}  # fmt: skip
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, kind in (("dev", "test"), ("train", "exemplar")):
+        (data / f"tydiqa-goldp-v1.1-{split}.json").write_text(json.dumps(squad(kind)))
+    names = write_tydiqa_tasks(tmp_path / "tasks", data)
+    assert len(names) == 9
+    manager = lm_eval.tasks.TaskManager(include_path=[str(tmp_path / "tasks")], include_defaults=False)
+    tasks = lm_eval.tasks.get_task_dict(names, manager)
+    for name in names:
+        task = tasks[name]
+        lang = task.config.task_alias
+        [doc] = list(task.test_docs())
+        context = task.fewshot_context(doc, num_fewshot=task.config.num_fewshot)
+        assert context.startswith("<|user|>\n") and f"exemplar-question-{lang}\n" in context
+        # its own language only: exemplar passage, question, answer; the doc's passage, question
+        assert context.count("exemplar-question-") == 1 and context.count(lang) == 5
+        assert f"test-question-{lang}\n\n<|assistant|>\n" in context
+
+
 class ScriptedLM:
     """lm-eval's model interface answering each question with a given string, so the scores are known."""
 
