@@ -1,6 +1,6 @@
 """Selection quality on a finished demo run: every scorer x policy against the demo's hidden labels.
 
-    python benchmarks/selection_quality.py /tmp/demo16-1 [--k K] [--floors 0.3 0.5]
+    python benchmarks/selection_quality.py /tmp/demo16-1 [--k K] [--floors 0.3 0.5] [--scorers gate ...]
 
 Reuses the run's router data (no rescoring): for each scorer (``select.score``) and policy it reruns
 ``run_select`` with the run's chosen k fixed (one k-means fit per call, no sweep; same seed), then prints
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--k", type=int, help="clusters (default: the run's chosen k)")
     ap.add_argument("--floors", type=float, nargs="*", default=[0.5], help="quality_floor values to try")
+    ap.add_argument("--scorers", nargs="*", help="scorers to rank by (default: every one with values)")
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args()
 
@@ -38,7 +39,7 @@ def main() -> None:
     k = args.k or run["chosen_k"]
     from selectmoe.router_data import load_router_data
 
-    scorers = available_scorers(load_router_data(cfg.score.output_dir))
+    scorers = args.scorers or available_scorers(load_router_data(cfg.score.output_dir))
     kinds = sorted({c for v in run["scorers"].values() for c in v if c != "overall"})
     print(f"pool: {run['pool']['n']} rows, known-bad share {run['pool']['bad_share']:.3f}; k = {k}\n")
     print("| scorer | AUC overall | " + " | ".join(kinds) + " |")

@@ -144,7 +144,8 @@ class SelectConfig:
     pool_dir: str = "${data.ingest_dir}"
     output_dir: str = "${output_dir}/selection"
     selection_percentage: float = 0.05
-    # What rows are ranked by (selection/scorers.py): gate | response_nll | sample_nll | ifd | gate_ppl_rank.
+    # What rows are ranked by (selection/scorers.py): gate | response_nll | sample_nll | ifd | gate_ppl_rank
+    # | nll_ifd_min (ifd and nll_ifd_min need score.ifd=true).
     # response_nll: the base model's perplexity of the answer separates clean from bad best (benchmarks.md).
     score: str = "response_nll"
     # quality_round_robin: best `quality_floor` share of the pool by score, then round-robin over clusters
@@ -360,7 +361,10 @@ def _validate(cfg: PipelineConfig) -> None:
             cfg.select.policy,
             ("quality_round_robin", "round_robin", "proportional", "top_k", "random"),
         ),
-        "select.score": (cfg.select.score, ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank")),
+        "select.score": (
+            cfg.select.score,
+            ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min"),
+        ),
         "score.dtype": (cfg.score.dtype, ("auto", "bfloat16", "float32")),
     }
     for key, (value, allowed) in choices.items():
@@ -377,8 +381,10 @@ def _validate(cfg: PipelineConfig) -> None:
         )
     if not 0 < cfg.select.quality_floor <= 1:
         raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")
-    if cfg.select.score == "ifd" and not cfg.score.ifd:
-        raise ValueError("select.score=ifd needs score.ifd=true (IFD is an extra forward pass at scoring)")
+    if cfg.select.score in ("ifd", "nll_ifd_min") and not cfg.score.ifd:
+        raise ValueError(
+            f"select.score={cfg.select.score} needs score.ifd=true (IFD is an extra forward pass at scoring)"
+        )
     lo, hi = cfg.select.k_range
     if not 2 <= lo <= hi:
         raise ValueError(f"select.k_range must satisfy 2 <= min <= max, got {cfg.select.k_range}")

@@ -161,3 +161,7 @@ def test_scorer_values_and_aucs_by_hand():
     assert aucs["gate_ppl_rank"] == pytest.approx({"overall": 3.5 / 6, "x": 0.875, "y": 0.0})
     with pytest.raises(ValueError, match="unknown scorer"):
         scorer_values(cols, "perplexity")
+    # nll_ifd_min: the worse of the two ranks (IFD lower = better); needs ifd values
+    cols["ifd"] = np.array([0.6, 0.9, 0.7, 1.2, 1.1])  # ranks of -ifd: [5, 3, 4, 1, 2] / 5
+    assert scorer_values(cols, "nll_ifd_min").tolist() == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.4])
+    assert "nll_ifd_min" in available_scorers(cols) and "ifd" in available_scorers(cols)

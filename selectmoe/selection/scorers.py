@@ -11,6 +11,7 @@ the base model's mean token NLL of the response (``response_nll``) and of the wh
 | ``sample_nll`` | ``-sample_nll`` | the same over prompt + answer (a clean prompt dilutes a bad answer) |
 | ``ifd`` | ``-ifd`` | Cherry's IFD = L(A|Q)/L(A); a question that does not help predict its answer (IFD ≈ 1 or more) marks a mismatched pair. Needs ``score.ifd=true`` |
 | ``gate_ppl_rank`` | mean of the normalised ranks of ``gate`` and ``response_nll`` | a documented combination: equal say to the gate and the perplexity, scale-free |
+| ``nll_ifd_min`` | the lower of the normalised ranks of ``response_nll`` and ``ifd`` | a sample is as good as its worse view: perplexity catches garbled answers, IFD answers that do not fit their question (``score.ifd=true``) |
 
 A missing value (NaN: no response token inside the window, IFD not computed) ranks last, never dropped.
 """
@@ -23,7 +24,12 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-SCORERS = ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank")
+SCORERS = ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min")
+# combinations: name -> (scorers combined, how)
+_COMBINED = {
+    "gate_ppl_rank": (("gate", "response_nll"), "mean"),
+    "nll_ifd_min": (("response_nll", "ifd"), "min"),
+}
 _COLUMN = {"gate": "quality", "response_nll": "response_nll", "sample_nll": "sample_nll", "ifd": "ifd"}
 _SIGN = {"gate": 1.0, "response_nll": -1.0, "sample_nll": -1.0, "ifd": -1.0}
 
@@ -49,10 +55,10 @@ def scorer_values(columns: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     columns ``quality``, ``response_nll``, ``sample_nll``, ``ifd`` (a :class:`RouterData` works too)."""
     check_scorer(name)
     get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
-    if name == "gate_ppl_rank":
-        gate = np.asarray(get("quality"), np.float64)
-        ppl = -np.asarray(get("response_nll"), np.float64)
-        return (_norm_rank(gate) + _norm_rank(ppl)) / 2.0
+    if name in _COMBINED:
+        parts, how = _COMBINED[name]
+        ranks = np.stack([_norm_rank(scorer_values(columns, p)) for p in parts])
+        return ranks.mean(axis=0) if how == "mean" else ranks.min(axis=0)
     raw = np.asarray(get(_COLUMN[name]), np.float64)
     return _worst_for_nan(_SIGN[name] * raw)
 
@@ -61,7 +67,7 @@ def available_scorers(columns: Mapping[str, np.ndarray]) -> list[str]:
     """Scorers with at least one finite raw value (``ifd`` only when the score stage computed it)."""
     get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
     have = {n for n, c in _COLUMN.items() if np.isfinite(np.asarray(get(c), np.float64)).any()}
-    return [n for n in SCORERS if n in have or (n == "gate_ppl_rank" and {"gate", "response_nll"} <= have)]
+    return [n for n in SCORERS if n in have or (n in _COMBINED and set(_COMBINED[n][0]) <= have)]
 
 
 def scorer_aucs(
