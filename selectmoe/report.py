@@ -284,10 +284,11 @@ def demo_figures(router_dir: str | Path, select_dir: str | Path, labels_path: st
 
 SCORER_LABELS = {
     "gate": "quality gate (seed method)",
-    "response_nll": "response perplexity (base NLL)",
+    "response_nll": "response perplexity (selector NLL)",
     "sample_nll": "whole-sample perplexity",
     "ifd": "IFD L(A|Q)/L(A)",
     "gate_ppl_rank": "rank average gate + response perplexity",
+    "nll_ifd_min": "worse rank of response perplexity, IFD",
 }
 
 

@@ -87,4 +87,4 @@ def test_report_leads_with_the_answer(tmp_path):
     assert (
         "selected 0.000 vs pool 0.500 vs random 0.500 (0.00x the pool), 2/2 clusters covered, k = 2" in first
     )
-    assert "| response perplexity (base NLL) | 0.9375 | 1 | 0.875 |" in md
+    assert "| response perplexity (selector NLL) | 0.9375 | 1 | 0.875 |" in md
