@@ -22,6 +22,12 @@ marking it done. A Datasink writes per block on workers, which could neither ded
 blocks nor know when a shard is complete. Memory: the driver holds only the open shards' Parquet writers
 (each batch is flushed as a row group) and their id sets; the pool itself is streamed.
 
+Per sample, from ONE forward pass: the gate score + routing features and the base perplexity anchors
+(``response_nll`` over the assistant tokens, ``sample_nll`` over all); ``score.ifd=true`` adds a second,
+shorter pass of the answer alone for IFD. Memory: the NLL needs the full ``[batch_size, T, vocab]`` logits
+(model dtype; each row is reduced in fp32), e.g. 32 x 1024 x 50k bf16 = 3.3 GB on OLMoE: lower
+``score.batch_size`` if a replica runs out of memory.
+
 Idempotence / resume: an output shard counts as done only when ``shards/<name>.parquet`` exists and
 ``shards/<name>.done.json`` records the same input fingerprint, model fingerprint + scoring settings,
 row count and output checksum. A rerun skips those; everything else is (re)scored from scratch (the
