@@ -192,11 +192,29 @@ def _counts(report: Report, cfg: PipelineConfig) -> None:
 
 
 def _probe(report: Report, cfg: PipelineConfig) -> None:
+    """The warmup probe as readable rows: each scorer before/after warmup, then the gate per corruption."""
     manifest = read_manifest(cfg.warmup.output_dir) or {}
     found = _find_key(manifest, "probe")
-    if isinstance(found, dict):
-        rows = [[k, v] for k, v in _flatten(found).items() if isinstance(v, (int, float))]
-        report.table("Quality probe (AUC: clean vs corrupted twins)", ["metric", "value"], rows)
+    if not isinstance(found, dict):
+        return
+    before, after = found.get("before") or {}, found.get("after") or {}
+    rows = []
+    for name, label in SCORER_LABELS.items():
+        key = f"probe_{name}_auc"
+        if key in after or key in before:
+            rows.append([label, before.get(key), after.get(key)])
+    for kind, value in sorted((found.get("per_corruption") or {}).items()):
+        rows.append([f"quality gate, {kind.replace('_', ' ')} twins", before.get(f"probe_auc_{kind}"), value])
+    if "probe_paired_win_rate" in after:
+        rows.append(["quality gate, clean beats its own twin (share)", before.get("probe_paired_win_rate"),
+                     after["probe_paired_win_rate"]])  # fmt: skip
+    if not rows:  # an older manifest: show what it has
+        rows = [[k, None, v] for k, v in _flatten(found).items() if isinstance(v, (int, float))]
+    report.table(
+        f"Warmup probe: AUC of {found.get('n_clean', '?')} held-out clean samples vs their corrupted twins",
+        ["scorer", "before warmup", "after warmup"],
+        rows,
+    )
 
 
 def _selection(report: Report, cfg: PipelineConfig) -> None:
@@ -286,7 +304,7 @@ SCORER_LABELS = {
     "gate": "quality gate (seed method)",
     "response_nll": "response perplexity (selector NLL)",
     "sample_nll": "whole-sample perplexity",
-    "ifd": "IFD L(A|Q)/L(A)",
+    "ifd": "IFD (answer NLL with / without its question)",
     "gate_ppl_rank": "rank average gate + response perplexity",
     "nll_ifd_min": "worse rank of response perplexity, IFD",
 }
