@@ -75,11 +75,21 @@ def test_report_leads_with_the_answer(tmp_path):
     cfg = PipelineConfig(output_dir=str(tmp_path / "run"))
     cfg.demo.enabled, cfg.demo.dir = True, str(labels.parent)
     cfg.score.output_dir, cfg.select.output_dir = str(router), str(sel)
-    for stage in ("data", "warmup", "evaluate"):
+    for stage in ("data", "evaluate"):
         node = getattr(cfg, stage)
         for key in ("ingest_dir", "output_dir"):
             if hasattr(node, key):
                 setattr(node, key, str(tmp_path / "none"))
+    warmup = tmp_path / "warmup"
+    warmup.mkdir()
+    probe = {
+        "n_clean": 8,
+        "per_corruption": {"swap_response": 0.5},
+        "before": {"probe_gate_auc": 0.4, "probe_auc_swap_response": 0.45, "probe_response_nll_auc": 0.8},
+        "after": {"probe_gate_auc": 0.6, "probe_response_nll_auc": 0.85, "probe_paired_win_rate": 0.7},
+    }
+    (warmup / "_manifest.json").write_text(json.dumps({"stage": "warmup", "extra": {"probe": probe}}))
+    cfg.warmup.output_dir = str(warmup)
     build_run_report(cfg)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     first = md.split("\n## ")[1]
@@ -88,3 +98,9 @@ def test_report_leads_with_the_answer(tmp_path):
         "selected 0.000 vs pool 0.500 vs random 0.500 (0.00x the pool), 2/2 clusters covered, k = 2" in first
     )
     assert "| response perplexity (selector NLL) | 0.9375 | 1 | 0.875 |" in md
+    # the warmup probe in readable rows: scorer, before, after
+    assert "## Warmup probe: AUC of 8 held-out clean samples vs their corrupted twins" in md
+    assert "| quality gate (seed method) | 0.4 | 0.6 |" in md
+    assert "| response perplexity (selector NLL) | 0.8 | 0.85 |" in md
+    assert "| quality gate, swap response twins | 0.45 | 0.5 |" in md
+    assert "| quality gate, clean beats its own twin (share) |  | 0.7 |" in md
