@@ -132,6 +132,9 @@ class ScoreConfig:
     use_gpu: bool | None = None
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
     sort_window: int = 1024  # length-bucketing window (samples) to cut padding waste
+    # IFD (Cherry, L(A|Q) / L(A)) costs one more forward pass per sample (answer without the question);
+    # off by default: the response NLL of the main pass measures better on the demo (docs/benchmarks.md).
+    ifd: bool = False
 
 
 @dataclass
@@ -142,7 +145,14 @@ class SelectConfig:
     pool_dir: str = "${data.ingest_dir}"
     output_dir: str = "${output_dir}/selection"
     selection_percentage: float = 0.05
-    policy: str = "round_robin"  # round_robin | proportional | top_k | random
+    # What rows are ranked by (selection/scorers.py): gate | response_nll | sample_nll | ifd | gate_ppl_rank
+    # | nll_ifd_min (ifd and nll_ifd_min need score.ifd=true).
+    # response_nll: the base model's perplexity of the answer separates clean from bad best (benchmarks.md).
+    score: str = "response_nll"
+    # quality_round_robin: best `quality_floor` share of the pool by score, then round-robin over clusters
+    # (plain round_robin gives clusters of bad rows the same quota) | round_robin | proportional | top_k | random
+    policy: str = "quality_round_robin"
+    quality_floor: float = 0.5  # share of the pool eligible for quality_round_robin (>= selection_percentage)
     method: str = "spherical_kmeans"  # clustering registry name
     k_range: list[int] = field(default_factory=lambda: [10, 100])
     k: int | None = None  # a fixed k skips the sweep
@@ -354,7 +364,14 @@ def _validate(cfg: PipelineConfig) -> None:
         "finetune.strategy": (cfg.finetune.strategy, ("ddp", "fsdp")),
         "warmup.quality_loss.token_scope": (cfg.warmup.quality_loss.token_scope, ("all", "trained")),
         "select.k_choice": (cfg.select.k_choice, ("elbow", "kneedle", "silhouette")),
-        "select.policy": (cfg.select.policy, ("round_robin", "proportional", "top_k", "random")),
+        "select.policy": (
+            cfg.select.policy,
+            ("quality_round_robin", "round_robin", "proportional", "top_k", "random"),
+        ),
+        "select.score": (
+            cfg.select.score,
+            ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min"),
+        ),
         "score.dtype": (cfg.score.dtype, ("auto", "bfloat16", "float32")),
     }
     for key, (value, allowed) in choices.items():
@@ -363,6 +380,17 @@ def _validate(cfg: PipelineConfig) -> None:
     if not 0 < cfg.select.selection_percentage <= 1:
         raise ValueError(
             f"select.selection_percentage must be in (0, 1], got {cfg.select.selection_percentage}"
+        )
+    bad_baselines = [b for b in cfg.select.baselines if b not in choices["select.policy"][1]]
+    if bad_baselines:
+        raise ValueError(
+            f"select.baselines: unknown policy {bad_baselines}; one of {list(choices['select.policy'][1])}"
+        )
+    if not 0 < cfg.select.quality_floor <= 1:
+        raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")
+    if cfg.select.score in ("ifd", "nll_ifd_min") and not cfg.score.ifd:
+        raise ValueError(
+            f"select.score={cfg.select.score} needs score.ifd=true (IFD is an extra forward pass at scoring)"
         )
     lo, hi = cfg.select.k_range
     if not 2 <= lo <= hi:

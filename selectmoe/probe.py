@@ -7,10 +7,12 @@ sample as donor), scores clean and corrupted samples with the model using exactl
 ``token_mask_for_scope(model.config.quality_token_scope)``, same :class:`ChatEncoder` and EncodingSpec),
 and reports
 
-- ``probe_auc``: the **unpaired** Mann-Whitney AUC over all clean vs all corrupted scores,
+- ``probe_auc``: the **unpaired** ROC AUC (sklearn) of the gate over all clean vs all corrupted scores,
   ``P(score(clean) > score(corrupt)) + 0.5 * P(tie)``;
 - ``per_corruption[kind]``: the same AUC of all clean vs that corruption's twins;
-- ``paired_win_rate``: the share of (clean, its own twin) pairs the clean sample wins (ties 0.5).
+- ``paired_win_rate``: the share of (clean, its own twin) pairs the clean sample wins (ties 0.5);
+- ``scorers[name]``: every scorer's AUC (gate, response/sample NLL of the same pass, their rank average),
+  overall and per corruption, so the gate is judged next to the free perplexity baseline.
 
 0.5 = no signal; 1.0 = every clean sample scores above every corrupted one.
 """
@@ -30,24 +32,15 @@ from selectmoe.data.corruptions import CORRUPTIONS, corrupt
 
 
 def mann_whitney_auc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """``P(pos > neg) + 0.5 P(pos == neg)`` over all (pos, neg) pairs (unpaired), via mid-ranks."""
+    """``P(pos > neg) + 0.5 P(pos == neg)`` over all (pos, neg) pairs (unpaired) = sklearn's ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)
     if pos.size == 0 or neg.size == 0:
         return float("nan")
-    both = np.concatenate([pos, neg])
-    order = np.argsort(both, kind="mergesort")
-    ranks = np.empty(both.size, dtype=np.float64)
-    sorted_vals = both[order]
-    i = 0
-    while i < both.size:  # mid-ranks for ties
-        j = i
-        while j + 1 < both.size and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
-    return float(u / (pos.size * neg.size))
+    truth = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    return float(roc_auc_score(truth, np.r_[pos, neg]))
 
 
 def build_probe_set(records: Sequence[Mapping[str, Any]], *, seed: int) -> list[dict[str, Any]]:
@@ -70,36 +63,56 @@ def build_probe_set(records: Sequence[Mapping[str, Any]], *, seed: int) -> list[
     return items
 
 
-def score_messages(model, encoder, conversations, *, batch_size: int = 16) -> np.ndarray:
-    """Per-sample quality scores of ``conversations`` (THE scoring function, batched by length)."""
+def score_messages_all(model, encoder, conversations, *, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Every stored per-sample score of ``conversations`` (``quality``, ``response_nll``, ``sample_nll``):
+    THE scoring function, batched by length, response labels from the same text as the score stage."""
     import torch
 
-    from selectmoe.data.encoding import pad_batch
-    from selectmoe.stages.score import score_batch
+    from selectmoe.data.encoding import ChatEncoder, pad_batch
+    from selectmoe.stages.score import response_spec, score_batch
 
-    encoded = encoder.encode_many(list(conversations))
+    conversations = list(conversations)
+    encoded = encoder.encode_many(conversations)
+    response = ChatEncoder(encoder.tokenizer, response_spec(encoder.spec.to_dict())).encode_many(
+        conversations
+    )
     scope = getattr(model.config, "quality_token_scope", "all")
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].input_ids))
-    out = np.zeros(len(encoded), dtype=np.float64)
+    out = {c: np.zeros(len(encoded), dtype=np.float64) for c in ("quality", "response_nll", "sample_nll")}
     pad_id = encoder.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = encoder.tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = pad_batch([encoded[k] for k in idx], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in pad_batch([encoded[k] for k in idx], pad_id).items()}
+        resp = pad_batch([response[k] for k in idx], pad_id)["labels"].to(device)
         with torch.no_grad():
             stats = score_batch(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"], scope=scope
-            )
-        out[idx] = stats["quality"]
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], scope=scope,
+                response_labels=resp,
+            )  # fmt: skip
+        for c in out:
+            out[c][idx] = stats[c]
     return out
 
 
+def score_messages(model, encoder, conversations, *, batch_size: int = 16) -> np.ndarray:
+    """Per-sample gate quality scores of ``conversations`` (see :func:`score_messages_all`)."""
+    return score_messages_all(model, encoder, conversations, batch_size=batch_size)["quality"]
+
+
 def probe(model, encoder, items: Sequence[Mapping[str, Any]], *, batch_size: int = 16) -> dict[str, Any]:
-    """AUCs of a probe set (see module docstring) for ``model`` (put in eval mode by the caller)."""
-    scores = score_messages(model, encoder, [it["messages"] for it in items], batch_size=batch_size)
+    """AUCs of a probe set (see module docstring) for ``model`` (put in eval mode by the caller).
+
+    ``probe_auc`` / ``per_corruption`` / ``paired_win_rate`` are the gate's (the Tune metric); ``scorers``
+    holds every scorer's AUC overall and per corruption (:func:`selectmoe.selection.scorers.scorer_aucs`),
+    so the gate is always seen next to the base model's perplexity."""
+    from selectmoe.selection.scorers import scorer_aucs
+
+    columns = score_messages_all(model, encoder, [it["messages"] for it in items], batch_size=batch_size)
+    columns["ifd"] = np.full(len(items), np.nan)
+    scores = columns["quality"]
     kinds = np.array([it["kind"] for it in items])
     pairs = np.array([it["pair"] for it in items])
     clean = scores[kinds == "clean"]
@@ -117,18 +130,21 @@ def probe(model, encoder, items: Sequence[Mapping[str, Any]], *, batch_size: int
         "probe_auc": mann_whitney_auc(clean, scores[kinds != "clean"]),
         "per_corruption": per_kind,
         "paired_win_rate": float(np.mean(wins)) if wins else float("nan"),
+        "scorers": scorer_aucs(columns, kinds),
         "n_clean": int(clean.size),
         "n_corrupt": int((kinds != "clean").sum()),
         "clean_mean": float(clean.mean()) if clean.size else float("nan"),
         "corrupt_mean": float(scores[kinds != "clean"].mean()) if (kinds != "clean").any() else float("nan"),
-        "auc_kind": "unpaired Mann-Whitney over all clean vs all corrupted scores",
+        "auc_kind": "ROC AUC (sklearn) over all clean vs all corrupted scores (unpaired)",
     }
 
 
 def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """``probe_auc`` + ``probe_auc_<kind>`` + ``probe_paired_win_rate`` (for ``ray.train.report``)."""
+    """``probe_auc`` + ``probe_auc_<kind>`` + ``probe_paired_win_rate`` (the gate) and
+    ``probe_<scorer>_auc`` (every scorer, overall) for ``ray.train.report``."""
     out = {"probe_auc": float(result["probe_auc"]), "probe_paired_win_rate": float(result["paired_win_rate"])}
     out.update({f"probe_auc_{k}": float(v) for k, v in result["per_corruption"].items()})
+    out.update({f"probe_{name}_auc": float(v["overall"]) for name, v in result.get("scorers", {}).items()})
     return out
 
 
@@ -225,4 +241,5 @@ __all__ = [
     "probe",
     "probe_main",
     "score_messages",
+    "score_messages_all",
 ]

@@ -2,7 +2,8 @@
 
 ``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
 expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
-AUC, the evaluation table and, for the demo, how many known-bad samples each selection kept.
+AUC, the evaluation table and, for the demo, first of all: how many known-bad samples each selection kept,
+its cluster coverage and each scorer's AUC against the hidden labels.
 Every section is optional: a run that stopped early still gets a report of what exists.
 """
 
@@ -152,13 +153,13 @@ def build_router_report(router_dir: Path, out_dir: Path) -> dict[str, str]:
 def build_run_report(cfg: PipelineConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir) / "report"
     report = Report(f"selectmoe run: {cfg.output_dir}")
+    _answer(report, cfg)
     _timings(report, cfg)
     _counts(report, cfg)
     _probe(report, cfg)
     if (Path(cfg.score.output_dir) / "shards").is_dir():
         add_router_sections(report, Path(cfg.score.output_dir))
     _selection(report, cfg)
-    _bad_kept(report, cfg)
     _evaluation(report, cfg)
     paths = report.write(out_dir)
     return {**paths, "sections": len(report.sections)}
@@ -191,11 +192,29 @@ def _counts(report: Report, cfg: PipelineConfig) -> None:
 
 
 def _probe(report: Report, cfg: PipelineConfig) -> None:
+    """The warmup probe as readable rows: each scorer before/after warmup, then the gate per corruption."""
     manifest = read_manifest(cfg.warmup.output_dir) or {}
     found = _find_key(manifest, "probe")
-    if isinstance(found, dict):
-        rows = [[k, v] for k, v in _flatten(found).items() if isinstance(v, (int, float))]
-        report.table("Quality probe (AUC: clean vs corrupted twins)", ["metric", "value"], rows)
+    if not isinstance(found, dict):
+        return
+    before, after = found.get("before") or {}, found.get("after") or {}
+    rows = []
+    for name, label in SCORER_LABELS.items():
+        key = f"probe_{name}_auc"
+        if key in after or key in before:
+            rows.append([label, before.get(key), after.get(key)])
+    for kind, value in sorted((found.get("per_corruption") or {}).items()):
+        rows.append([f"quality gate, {kind.replace('_', ' ')} twins", before.get(f"probe_auc_{kind}"), value])
+    if "probe_paired_win_rate" in after:
+        rows.append(["quality gate, clean beats its own twin (share)", before.get("probe_paired_win_rate"),
+                     after["probe_paired_win_rate"]])  # fmt: skip
+    if not rows:  # an older manifest: show what it has
+        rows = [[k, None, v] for k, v in _flatten(found).items() if isinstance(v, (int, float))]
+    report.table(
+        f"Warmup probe: AUC of {found.get('n_clean', '?')} held-out clean samples vs their corrupted twins",
+        ["scorer", "before warmup", "after warmup"],
+        rows,
+    )
 
 
 def _selection(report: Report, cfg: PipelineConfig) -> None:
@@ -236,23 +255,104 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
         report.table("Selection", ["count", "value"], [[k, v] for k, v in counts.items()])
 
 
-def _bad_kept(report: Report, cfg: PipelineConfig) -> None:
-    """Demo only: share of known-bad samples in each selection (labels the pipeline never saw)."""
-    labels_path = Path(cfg.demo.dir) / "pool_labels.jsonl"
-    if not cfg.demo.enabled or not labels_path.is_file():
-        return
+SET_NAMES = {"selected_data": "selected", "selected_random": "random", "selected_top_k": "top_k"}
+
+
+def demo_figures(router_dir: str | Path, select_dir: str | Path, labels_path: str | Path) -> dict[str, Any]:
+    """What the selection achieved against the demo's hidden labels (the pipeline never reads them).
+
+    ``scorers``: each scorer's ROC AUC, clean vs bad, overall and per corruption kind, on the whole pool;
+    ``sets``: for the selection and every baseline file, its size, known-bad share (and that share / the
+    pool's) and the cluster diversity ``select`` recorded. Every router-data id must have a label."""
     from selectmoe.demo import read_demo_labels
+    from selectmoe.router_data import load_router_data
+    from selectmoe.selection.scorers import scorer_aucs
 
     labels = read_demo_labels(labels_path)
-    pool_bad = sum(1 for v in labels.values() if v != "clean") / max(len(labels), 1)
-    rows = [["pool", len(labels), pool_bad]]
-    for path in sorted(Path(cfg.select.output_dir).glob("selected*.jsonl")):
+    rd = load_router_data(router_dir)
+    unlabelled = [i for i in rd.ids if i not in labels]
+    if unlabelled:
+        raise ValueError(
+            f"{labels_path}: no label for {len(unlabelled)} router-data ids, e.g. {unlabelled[:3]}"
+        )
+    kinds = [labels[i] for i in rd.ids]
+    pool_bad = float(np.mean([k != "clean" for k in kinds]))
+    sel_path = Path(select_dir) / "selection.json"
+    sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
+    sets = {}
+    for path in sorted(Path(select_dir).glob("selected*.jsonl")):
+        name = SET_NAMES.get(path.stem, path.stem.removeprefix("selected_"))
         ids = [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
-        bad = sum(1 for i in ids if labels.get(i, "clean") != "clean")
-        name = f"{path.stem} ({cfg.select.policy})" if path.stem == "selected_data" else path.stem
-        rows.append([name, len(ids), bad / max(len(ids), 1)])
+        bad = float(np.mean([labels[i] != "clean" for i in ids])) if ids else float("nan")
+        sets[name] = {
+            "n": len(ids),
+            "bad_share": bad,
+            "vs_pool": bad / pool_bad if pool_bad else float("nan"),
+            **(sel.get("diversity") or {}).get(name, {}),
+        }
+    return {
+        "pool": {"n": len(kinds), "bad_share": pool_bad},
+        "sets": sets,
+        "scorers": scorer_aucs(rd, kinds),
+        "chosen_k": sel.get("chosen_k"),
+        "score": sel.get("score"),
+        "policy": sel.get("policy"),
+    }
+
+
+SCORER_LABELS = {
+    "gate": "quality gate (seed method)",
+    "response_nll": "response perplexity (selector NLL)",
+    "sample_nll": "whole-sample perplexity",
+    "ifd": "IFD (answer NLL with / without its question)",
+    "gate_ppl_rank": "rank average gate + response perplexity",
+    "nll_ifd_min": "worse rank of response perplexity, IFD",
+}
+
+
+def _answer(report: Report, cfg: PipelineConfig) -> None:
+    """The first screen: bad share vs pool vs random, coverage, each scorer's AUC (demo labels)."""
+    labels_path = Path(cfg.demo.dir) / "pool_labels.jsonl"
+    if (
+        not cfg.demo.enabled
+        or not labels_path.is_file()
+        or not (Path(cfg.score.output_dir) / "shards").is_dir()
+    ):
+        return
+    fig = demo_figures(cfg.score.output_dir, cfg.select.output_dir, labels_path)
+    pool = fig["pool"]
+    sets = fig["sets"]
+    chosen = sets.get("selected", {})
+    rnd = sets.get("random", {})
+    if chosen:
+        report.text(
+            "What the selection achieved",
+            f"Known-bad share: selected {chosen['bad_share']:.3f} vs pool {pool['bad_share']:.3f} vs random "
+            f"{rnd.get('bad_share', float('nan')):.3f} ({chosen['vs_pool']:.2f}x the pool), "
+            f"{chosen.get('clusters_covered', '?')}/{chosen.get('clusters', '?')} clusters covered, "
+            f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}, "
+            f"policy {fig['policy']}.",
+        )
+    rows = [["pool", pool["n"], pool["bad_share"], 1.0, None, None]]
+    for name, v in sets.items():
+        label = f"selected: {fig['policy']}" if name == "selected" else name
+        rows.append(
+            [label, v["n"], v["bad_share"], v["vs_pool"],
+             f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}", v.get("entropy_norm")]
+        )  # fmt: skip
     report.table(
-        "Known-bad share (demo labels, hidden from the pipeline)", ["set", "samples", "bad share"], rows
+        "Known-bad share and diversity per selection (demo labels, hidden from the pipeline)",
+        ["set", "samples", "known-bad share", "x pool", "clusters covered", "cluster-mix entropy (1 = even)"],
+        rows,
+    )
+    kinds = sorted({k for v in fig["scorers"].values() for k in v if k != "overall"})
+    report.table(
+        "Scorer AUC, clean vs known-bad, whole pool (1 = perfect, 0.5 = chance)",
+        ["scorer", "overall", *kinds],
+        [
+            [SCORER_LABELS.get(n, n), v["overall"], *[v.get(k) for k in kinds]]
+            for n, v in fig["scorers"].items()
+        ],
     )
 
 

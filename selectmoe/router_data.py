@@ -24,6 +24,8 @@ SHARD_DIR = "shards"
 CACHE_DIR = "_cache"
 META_LAYERS = b"selectmoe.num_layers"
 META_EXPERTS = b"selectmoe.num_experts"
+# The base model's perplexity anchors, from the score stage's forward pass (ifd: its optional extra pass).
+NLL_COLUMNS = ("response_nll", "sample_nll", "ifd")
 
 
 def router_schema(num_layers: int, num_experts: int) -> pa.Schema:
@@ -35,6 +37,9 @@ def router_schema(num_layers: int, num_experts: int) -> pa.Schema:
             ("n_tokens", pa.int32()),
             ("truncated", pa.bool_()),
             ("quality", pa.float32()),
+            ("response_nll", pa.float32()),
+            ("sample_nll", pa.float32()),
+            ("ifd", pa.float32()),
             ("quality_layers", pa.list_(pa.float32(), num_layers)),
             ("routing", pa.list_(pa.float16(), num_layers * num_experts)),
         ],
@@ -61,7 +66,8 @@ class RouterDataWriter:
 
     def write_batch(self, columns: Mapping[str, Any]) -> None:
         """``columns``: id, dataset (lists of str), n_tokens [B], truncated [B], quality [B] (float),
-        quality_layers [B, L] (float), routing [B, L*E] or [B, L, E] (float)."""
+        quality_layers [B, L] (float), routing [B, L*E] or [B, L, E] (float); optional
+        :data:`NLL_COLUMNS` [B] (float, NaN when absent: not computed)."""
         n = len(columns["id"])
         if n == 0:
             return
@@ -79,6 +85,10 @@ class RouterDataWriter:
                 "n_tokens": pa.array(np.asarray(columns["n_tokens"], dtype=np.int32)),
                 "truncated": pa.array(np.asarray(columns["truncated"], dtype=bool)),
                 "quality": pa.array(np.asarray(columns["quality"], dtype=np.float32)),
+                **{
+                    c: pa.array(np.asarray(columns.get(c, np.full(n, np.nan)), dtype=np.float32))
+                    for c in NLL_COLUMNS
+                },
                 "quality_layers": pa.FixedSizeListArray.from_arrays(
                     pa.array(quality_layers.reshape(-1)), self.num_layers
                 ),
@@ -107,7 +117,10 @@ class RouterData:
 
     ids: list[str]
     datasets: list[str]
-    quality: np.ndarray  # float32 [N]
+    quality: np.ndarray  # float32 [N], the gate score
+    response_nll: np.ndarray  # float32 [N], mean NLL of the assistant tokens (NaN: none in the window)
+    sample_nll: np.ndarray  # float32 [N], mean NLL of the whole sample
+    ifd: np.ndarray  # float32 [N], L(A|Q)/L(A) (NaN unless score.ifd)
     quality_layers: np.ndarray  # float32 [N, L]
     routing: np.ndarray  # float16 [N, L*E], memory-mapped
     n_tokens: np.ndarray  # int32 [N]
@@ -130,7 +143,7 @@ def load_router_data(directory: str | os.PathLike, *, mmap: bool = True) -> Rout
     if not shards:
         raise FileNotFoundError(f"no router-data shards under {Path(directory) / SHARD_DIR}")
     num_layers, num_experts = _shape_of(shards)
-    small_cols = ["id", "dataset", "n_tokens", "truncated", "quality", "quality_layers"]
+    small_cols = ["id", "dataset", "n_tokens", "truncated", "quality", *NLL_COLUMNS, "quality_layers"]
     small = pa.concat_tables([pq.read_table(p, columns=small_cols) for p in shards])
     n = small.num_rows
     routing = _routing_matrix(Path(directory), shards, n, num_layers * num_experts, mmap=mmap)
@@ -143,6 +156,7 @@ def load_router_data(directory: str | os.PathLike, *, mmap: bool = True) -> Rout
         ids=small.column("id").to_pylist(),
         datasets=small.column("dataset").to_pylist(),
         quality=small.column("quality").to_numpy().astype(np.float32, copy=False),
+        **{c: small.column(c).to_numpy().astype(np.float32, copy=False) for c in NLL_COLUMNS},
         quality_layers=quality_layers.astype(np.float32, copy=False),
         routing=routing,
         n_tokens=small.column("n_tokens").to_numpy(),
@@ -156,9 +170,15 @@ def load_router_data(directory: str | os.PathLike, *, mmap: bool = True) -> Rout
 def _shape_of(shards: list[Path]) -> tuple[int, int]:
     shapes = set()
     for p in shards:
-        meta = pq.read_schema(p).metadata or {}
+        schema = pq.read_schema(p)
+        meta = schema.metadata or {}
         if META_LAYERS not in meta or META_EXPERTS not in meta:
             raise ValueError(f"{p} is not a selectmoe router-data shard (schema metadata missing)")
+        missing = [c for c in NLL_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"{p}: router-data shard of an older format lacks {missing}; rerun the score stage"
+            )
         shapes.add((int(meta[META_LAYERS]), int(meta[META_EXPERTS])))
     if len(shapes) != 1:
         raise ValueError(f"router-data shards disagree on (layers, experts): {sorted(shapes)}")

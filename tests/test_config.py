@@ -8,7 +8,8 @@ import pytest
 
 from selectmoe.config import PipelineConfig, list_presets, load_config
 
-REQUIRED = {"olmoe_less": ["convert.source=/m", "data.pool=[/d]", "finetune.base_model=/t"]}
+_PATHS = ["convert.source=/m", "data.pool=[/d]", "finetune.base_model=/t"]
+REQUIRED = {"olmoe_less": _PATHS, "select_moe_gate": _PATHS}
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -21,7 +22,22 @@ def test_every_shipped_preset_loads_and_validates(preset):
 
 
 def test_presets_cover_the_documented_users():
-    assert {"demo", "olmoe_less", "tune_quality_loss"} <= set(list_presets())
+    assert {"demo", "olmoe_less", "tune_quality_loss", "select_moe_gate"} <= set(list_presets())
+
+
+def test_select_score_and_policy_validated_and_seed_preset():
+    gate = load_config("select_moe_gate", [*_PATHS, "output_dir=/tmp/run"]).select
+    assert (gate.score, gate.policy) == ("gate", "round_robin")
+    default = load_config("demo", ["output_dir=/tmp/run"]).select
+    assert (default.score, default.policy) == ("response_nll", "quality_round_robin")
+    with pytest.raises(ValueError, match=r"select\.score=.ppl. is not one of"):
+        load_config("demo", ["output_dir=/tmp/run", "select.score=ppl"])
+    with pytest.raises(ValueError, match=r"select\.score=ifd needs score\.ifd=true"):
+        load_config("demo", ["output_dir=/tmp/run", "select.score=ifd"])
+    with pytest.raises(ValueError, match=r"select\.quality_floor"):
+        load_config("demo", ["output_dir=/tmp/run", "select.quality_floor=0"])
+    with pytest.raises(ValueError, match=r"select\.baselines: unknown policy"):
+        load_config("demo", ["output_dir=/tmp/run", "select.baselines=[randm]"])
 
 
 def test_dotted_overrides_and_interpolated_seed():

@@ -85,12 +85,29 @@ def test_probe_uses_the_scoring_definition(selector_dir):
         )
         assert got[i] == pytest.approx(float(ref["quality"][0]), abs=1e-5)
 
-    result = probe(model, enc, build_probe_set(recs, seed=0))
-    assert 0.0 <= result["probe_auc"] <= 1.0
+    items = build_probe_set(recs, seed=0)
+    result = probe(model, enc, items)
+    # every scorer next to the gate, from the same pass: AUC == sklearn's on the scores themselves
+    from sklearn.metrics import roc_auc_score
+
+    from selectmoe.probe import score_messages_all
+
+    cols = score_messages_all(model, enc, [it["messages"] for it in items])
+    clean = np.array([it["kind"] == "clean" for it in items])
+    assert set(result["scorers"]) == {"gate", "response_nll", "sample_nll", "gate_ppl_rank"}
+    assert result["scorers"]["gate"]["overall"] == pytest.approx(result["probe_auc"])
+    assert result["scorers"]["response_nll"]["overall"] == pytest.approx(
+        roc_auc_score(clean, -cols["response_nll"])
+    )
+    noise = clean | np.array([it["kind"] == "noise" for it in items])
+    assert result["scorers"]["sample_nll"]["noise"] == pytest.approx(
+        roc_auc_score(clean[noise], -cols["sample_nll"][noise])
+    )
     assert set(result["per_corruption"]) == {"shuffle_words", "swap_response", "truncate", "noise"}
     flat = ProbeEval(recs, str(selector_dir / "model"), enc.spec.to_dict(), seed=0)(model)
     assert flat["probe_auc"] == pytest.approx(result["probe_auc"])
     assert "probe_auc_noise" in flat
+    assert flat["probe_response_nll_auc"] == pytest.approx(result["scorers"]["response_nll"]["overall"])
 
 
 def test_probe_cli(selector_dir, tmp_path, capsys):

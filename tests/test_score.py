@@ -226,6 +226,15 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
     np.testing.assert_allclose(data.quality, data.quality_layers.mean(axis=1), atol=1e-6)
     sums = np.asarray(data.routing, np.float32).reshape(-1, L, E).sum(-1)
     np.testing.assert_allclose(sums, 1.0, atol=E * 1e-3)
+    # the stored response NLL of an id == a direct forward's mean NLL over its assistant tokens
+    hf_loss = _direct_nll(artefact)
+    shard = list_shards(cfg.ingest_dir)[0]
+    pool_rows = pq.read_table(shard, columns=["id", "messages"]).to_pylist()[:3]
+    stored = dict(zip(data.ids, data.response_nll.tolist()))
+    for row in pool_rows:
+        want = hf_loss(json.loads(row["messages"]), "assistant_only")
+        assert stored[row["id"]] == pytest.approx(want, abs=1e-5)
+    assert np.isnan(data.ifd).all()  # score.ifd is off by default: no extra pass, NaN stored
     # the selector's EncodingSpec (max_length=40) was used: lengths capped and truncation flagged
     assert data.n_tokens.max() <= MAX_LENGTH and data.truncated.any() and not data.truncated.all()
     assert np.all(data.n_tokens[data.truncated] == MAX_LENGTH)
@@ -246,3 +255,78 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
     assert changed == {victim.name, victim.name.removesuffix(".parquet") + ".done.json"}
     data3 = load_router_data(out, mmap=False)
     assert len(data3.ids) == len(set(data3.ids)) and sorted(data3.ids) == sorted(ingest_ids)
+
+
+def _encoded_window(artefact, records, *, ifd: bool) -> pa.Table:
+    """The score stage's own CPU stage (encoder + response labels + buckets) over ``records``."""
+    from selectmoe.stages.score import encode_and_bucket, read_encoding_spec, tokenizer_dir
+
+    table = pa.table(
+        {
+            "id": [r["id"] for r in records],
+            "dataset": [r["dataset"] for r in records],
+            "messages": [json.dumps(r["messages"]) for r in records],
+            "_shard": ["s"] * len(records),
+        }
+    )
+    spec = json.dumps(read_encoding_spec(artefact["model_dir"]), sort_keys=True)
+    blocks = list(
+        encode_and_bucket(
+            table, tokenizer_dir=tokenizer_dir(artefact["model_dir"]), spec_json=spec, batch_size=64, ifd=ifd
+        )
+    )
+    return pa.concat_tables(blocks)
+
+
+def _direct_nll(artefact):
+    """``f(messages, label_mode)``: mean next-token NLL from a plain forward of the selector (its logits,
+    shifted, torch's cross-entropy over the labelled tokens) -- independent of the score stage's code."""
+    import torch
+
+    from selectmoe.data.encoding import ChatEncoder, EncodingSpec
+    from selectmoe.model import load_selector
+
+    model, tokenizer, enc = load_selector(artefact["model_dir"], dtype=torch.float32, device="cpu")
+    model.eval()
+    spec = EncodingSpec.from_dict(enc)
+    by_mode = {
+        m: ChatEncoder(tokenizer, EncodingSpec(spec.max_length, m))
+        for m in ("assistant_only", "full_sequence")
+    }
+
+    def hf_loss(messages, mode):
+        # the model's own loss would add the router/quality aux terms: take its logits, shift, mean CE
+        e = by_mode[mode].encode(messages)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=-100))
+
+    return hf_loss
+
+
+def test_response_and_sample_nll_equal_a_direct_hf_forward(artefact):
+    """Stored response NLL == HF's own causal-LM loss with labels on the assistant tokens only (and the
+    sample NLL == the loss with every token labelled); IFD == L(A|Q) / HF loss of the answer alone."""
+
+    from selectmoe.stages.score import RouterScorer
+
+    rng = np.random.default_rng(3)
+    records = [_record(i, rng, "n") for i in range(6)]
+    records[0]["messages"].insert(0, {"role": "system", "content": "be brief"})
+    scored = RouterScorer(artefact["model_dir"], dtype="float32", use_gpu=False)(
+        _encoded_window(artefact, records, ifd=True)
+    )
+    got = {
+        c: dict(zip(scored.column("id").to_pylist(), scored.column(c).to_pylist()))
+        for c in scored.column_names
+    }
+
+    hf_loss = _direct_nll(artefact)
+    for r in records:
+        want_resp = hf_loss(r["messages"], "assistant_only")
+        want_answer = hf_loss([m for m in r["messages"] if m["role"] == "assistant"], "assistant_only")
+        assert got["response_nll"][r["id"]] == pytest.approx(want_resp, abs=1e-5)
+        assert got["sample_nll"][r["id"]] == pytest.approx(hf_loss(r["messages"], "full_sequence"), abs=1e-5)
+        assert got["ifd"][r["id"]] == pytest.approx(want_resp / want_answer, abs=1e-5)
+    # a response (not the prompt) really is what response_nll measures: the two differ on every sample
+    assert all(abs(got["response_nll"][i] - got["sample_nll"][i]) > 1e-3 for i in got["id"])

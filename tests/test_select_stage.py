@@ -70,6 +70,8 @@ def _cfg(router, pool, out, **kw):
         seed=0,
         num_actors=2,
         plots=False,
+        score="gate",  # these router shards carry only the gate score
+        policy="round_robin",
     )
     base.update(kw)
     return SelectConfig(**base)
@@ -129,6 +131,7 @@ def test_fixed_k_policies_and_cli(tmp_path):
                 "selection_percentage=0.25",
                 "plots=false",
                 "baselines=[]",
+                "score=gate",
             ]
         )
         == 0
@@ -136,7 +139,7 @@ def test_fixed_k_policies_and_cli(tmp_path):
     assert len(_lines(tmp_path / "c" / "selected_data.jsonl")) == 20
     # CLI batch: pool dir from the score manifest, output into <dir>/selection, skipped when complete
     write_manifest(router, stage="score", config={"ingest_dir": str(pool)})
-    argv = ["--batch", str(tmp_path), "k=2", "plots=false", "baselines=[]"]
+    argv = ["--batch", str(tmp_path), "k=2", "plots=false", "baselines=[]", "score=gate"]
     assert select_main(argv) == 0
     assert len(_lines(router / "selection" / "selected_data.jsonl")) == 4
     mtime = (router / "selection" / "_manifest.json").stat().st_mtime_ns
@@ -144,7 +147,7 @@ def test_fixed_k_policies_and_cli(tmp_path):
     assert (router / "selection" / "_manifest.json").stat().st_mtime_ns == mtime
     # no pool dir anywhere -> clear error
     (router / "_manifest.json").unlink()
-    assert select_main([str(router), "k=2"]) == 2
+    assert select_main([str(router), "k=2", "score=gate"]) == 2
 
 
 def test_missing_ids_error(tmp_path):

@@ -88,3 +88,80 @@ def test_sweep_on_ray(ray_local):
     # fit_fraction: fitted on a sample, every row labelled
     part = sweep_k(X, [3], fit_fraction=0.5, seed=1, use_ray=False)
     assert len(part.labels[3]) == len(X) and part.silhouette[0] > 0.5
+
+
+def test_quality_round_robin_floor_then_clusters():
+    from selectmoe.selection.policies import get_policy, quality_round_robin
+
+    # floor 0.5 -> eligible top 4 by score: g(6) .95, a(0) .9, e(4) .8, c(2) .7 (tie with d: id asc)
+    assert quality_round_robin(SCORES, LABELS, 4, ids=IDS).tolist() == [2, 0, 6, 4]
+    # floor 0.25 -> only g and a are eligible: cluster 0 (c, 0.7) is left out, unlike plain round_robin
+    assert quality_round_robin(SCORES, LABELS, 2, ids=IDS, quality_floor=0.25).tolist() == [0, 6]
+    assert round_robin(SCORES, LABELS, 2, ids=IDS).tolist() == [2, 0]
+    # the floor never starves the budget: at least `budget` rows are eligible
+    assert quality_round_robin(SCORES, LABELS, 8, ids=IDS, quality_floor=0.1).tolist() == [
+        2,
+        0,
+        6,
+        3,
+        4,
+        5,
+        1,
+        7,
+    ]
+    bound = get_policy("quality_round_robin", quality_floor=0.25)
+    assert bound(SCORES, LABELS, 2, ids=IDS).tolist() == [0, 6]
+    with pytest.raises(ValueError, match="quality_floor"):
+        quality_round_robin(SCORES, LABELS, 2, quality_floor=0.0)
+
+
+def test_same_seed_same_selection_for_every_policy():
+    from selectmoe.selection.policies import POLICIES
+
+    rng = np.random.default_rng(5)
+    scores, labels = rng.random(300), rng.integers(0, 7, 300)
+    ids = [f"id{i:03d}" for i in rng.permutation(300)]
+    for name, policy in POLICIES.items():
+        a = policy(scores, labels, 40, ids=ids, seed=11)
+        assert a.tolist() == policy(scores.copy(), labels.copy(), 40, ids=list(ids), seed=11).tolist(), name
+        assert len(set(a.tolist())) == 40
+    r = POLICIES["random"]
+    assert r(scores, labels, 40, seed=11).tolist() != r(scores, labels, 40, seed=12).tolist()
+
+
+def test_cluster_mix():
+    from selectmoe.selection.policies import cluster_mix
+
+    mix = cluster_mix(LABELS, [2, 0, 6, 4], 4)  # clusters 0,1,1,2 of the 3 non-empty ones (k=4)
+    assert mix["clusters_covered"] == 3 and mix["clusters"] == 3 and mix["coverage"] == 1.0
+    assert mix["entropy"] == pytest.approx(-(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25)))
+    assert mix["entropy_norm"] == pytest.approx(mix["entropy"] / np.log(3))
+    one = cluster_mix(LABELS, [0, 4], 3)
+    assert (one["clusters_covered"], one["coverage"], one["entropy"]) == (1, pytest.approx(1 / 3), 0.0)
+
+
+def test_scorer_values_and_aucs_by_hand():
+    from selectmoe.selection.scorers import available_scorers, scorer_aucs, scorer_values
+
+    nan = np.nan
+    cols = {
+        "quality": np.array([0.9, 0.8, 0.85, 0.1, 0.95]),
+        "response_nll": np.array([1.0, 2.0, 3.0, nan, 0.5]),
+        "sample_nll": np.full(5, nan),
+        "ifd": np.full(5, nan),
+    }
+    kinds = ["clean", "clean", "x", "x", "y"]
+    assert available_scorers(cols) == ["gate", "response_nll", "gate_ppl_rank"]
+    # NaN ranks last; lower NLL = better
+    assert scorer_values(cols, "response_nll").tolist() == [-1.0, -2.0, -3.0, -4.0, -0.5]
+    assert scorer_values(cols, "gate_ppl_rank").tolist() == pytest.approx([0.8, 0.5, 0.5, 0.2, 1.0])
+    aucs = scorer_aucs(cols, kinds)
+    assert aucs["gate"] == pytest.approx({"overall": 0.5, "x": 0.75, "y": 0.0})
+    assert aucs["response_nll"] == pytest.approx({"overall": 4 / 6, "x": 1.0, "y": 0.0})
+    assert aucs["gate_ppl_rank"] == pytest.approx({"overall": 3.5 / 6, "x": 0.875, "y": 0.0})
+    with pytest.raises(ValueError, match="unknown scorer"):
+        scorer_values(cols, "perplexity")
+    # nll_ifd_min: the worse of the two ranks (IFD lower = better); needs ifd values
+    cols["ifd"] = np.array([0.6, 0.9, 0.7, 1.2, 1.1])  # ranks of -ifd: [5, 3, 4, 1, 2] / 5
+    assert scorer_values(cols, "nll_ifd_min").tolist() == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.4])
+    assert "nll_ifd_min" in available_scorers(cols) and "ifd" in available_scorers(cols)

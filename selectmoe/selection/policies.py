@@ -6,6 +6,7 @@ pure function of (scores, labels, ids, budget, seed).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -114,8 +115,45 @@ def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.
     return rows[keep].astype(np.int64)
 
 
+def quality_round_robin(
+    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5
+) -> np.ndarray:
+    """Score first, then diversity: only the best ``quality_floor`` share of the pool (by score; at least
+    ``budget`` rows) is eligible, and :func:`round_robin` spreads the budget over the clusters among them.
+
+    Why: plain round-robin gives a cluster made of bad twins the same quota as a clean one; the floor
+    removes the bad rows first, the round-robin keeps every cluster with good rows represented."""
+    scores, budget = _check(scores, labels, budget)
+    if not 0 < quality_floor <= 1:
+        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
+    labels = np.asarray(labels)
+    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
+    eligible = np.sort(_rank_order(scores, ids)[:n_keep])
+    sub_ids = None if ids is None else [ids[int(i)] for i in eligible]
+    picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
+    return eligible[picked].astype(np.int64)
+
+
+def cluster_mix(labels, indices, k: int) -> dict[str, float]:
+    """Diversity of a selection over ``k`` clusters: how many it covers (of the non-empty ones) and the
+    entropy of its cluster mix (nats; ``entropy_norm`` = entropy / ln(non-empty clusters), 1 = even)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    present = int((np.bincount(labels, minlength=k) > 0).sum())
+    counts = np.bincount(labels[np.asarray(indices, dtype=np.int64)], minlength=k)
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
+    entropy = float(-(p * np.log(p)).sum()) if p.size else 0.0
+    return {
+        "clusters_covered": int((counts > 0).sum()),
+        "clusters": present,
+        "coverage": float((counts > 0).sum() / max(present, 1)),
+        "entropy": entropy,
+        "entropy_norm": float(entropy / np.log(present)) if present > 1 else 0.0,
+    }
+
+
 Policy = Callable[..., np.ndarray]
 POLICIES: dict[str, Policy] = {
+    "quality_round_robin": quality_round_robin,
     "round_robin": round_robin,
     "proportional": proportional,
     "top_k": top_k,
@@ -123,11 +161,15 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def get_policy(name: str) -> Policy:
+def get_policy(name: str, *, quality_floor: float | None = None) -> Policy:
+    """The policy ``name``; ``quality_floor`` is bound for ``quality_round_robin`` (ignored by the rest)."""
     try:
-        return POLICIES[name]
+        policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown selection policy {name!r}; expected one of {sorted(POLICIES)}") from None
+    if policy is quality_round_robin and quality_floor is not None:
+        return functools.partial(quality_round_robin, quality_floor=float(quality_floor))
+    return policy
 
 
 def select_indices(

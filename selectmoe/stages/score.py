@@ -22,6 +22,12 @@ marking it done. A Datasink writes per block on workers, which could neither ded
 blocks nor know when a shard is complete. Memory: the driver holds only the open shards' Parquet writers
 (each batch is flushed as a row group) and their id sets; the pool itself is streamed.
 
+Per sample, from ONE forward pass: the gate score + routing features and the base perplexity anchors
+(``response_nll`` over the assistant tokens, ``sample_nll`` over all); ``score.ifd=true`` adds a second,
+shorter pass of the answer alone for IFD. Memory: the NLL needs the full ``[batch_size, T, vocab]`` logits
+(model dtype; each row is reduced in fp32), e.g. 32 x 1024 x 50k bf16 = 3.3 GB on OLMoE: lower
+``score.batch_size`` if a replica runs out of memory.
+
 Idempotence / resume: an output shard counts as done only when ``shards/<name>.parquet`` exists and
 ``shards/<name>.done.json`` records the same input fingerprint, model fingerprint + scoring settings,
 row count and output checksum. A rerun skips those; everything else is (re)scored from scratch (the
@@ -59,13 +65,16 @@ from selectmoe.router_data import SHARD_DIR, RouterDataWriter
 
 logger = logging.getLogger(__name__)
 
-SCORE_FORMAT_VERSION = 1
+SCORE_FORMAT_VERSION = 2  # 2: response_nll, sample_nll, ifd columns
 DONE_SUFFIX = ".done.json"
 SHARD_COLUMN = "_shard"
 CRASH_ONCE_ENV = "SELECTMOE_SCORE_CRASH_ONCE"
 STOP_AFTER_ENV = "SELECTMOE_SCORE_STOP_AFTER_SHARDS"
 IGNORE_INDEX = -100
-_PASS_COLUMNS = ("id", "dataset", "n_tokens", "truncated", "input_ids", "labels", SHARD_COLUMN)
+_PASS_COLUMNS = (
+    "id", "dataset", "n_tokens", "truncated", "input_ids", "labels", "response_labels",
+    "answer_input_ids", "answer_labels", SHARD_COLUMN,
+)  # fmt: skip
 
 
 class ScoreInterrupted(RuntimeError):
@@ -121,46 +130,77 @@ def pad_lists(values: pa.Array | pa.ChunkedArray, pad_value: int) -> np.ndarray:
     return out
 
 
-def score_batch(model, input_ids, attention_mask, labels, *, scope: str) -> dict[str, np.ndarray]:
-    """Per-sample router statistics of one padded batch (the scoring function itself).
+def mean_token_nll(logits, targets) -> np.ndarray:
+    """Per-sample mean next-token NLL (fp32) over positions whose target is not ``IGNORE_INDEX``.
 
-    Returns fp32 numpy ``quality [B]``, ``quality_layers [B, L]``, ``routing [B, L*E]``. Reductions are
-    done in fp32 by :func:`router_sample_stats` whatever the model dtype; only label/pad-masked tokens of
-    ``scope`` count, so a sample scores the same alone and inside a right-padded batch.
+    ``logits [B, T, V]`` predict ``targets [B, T]`` shifted by one (HF causal-LM convention). Row by row in
+    fp32 so memory stays ``T x V`` beyond the logits themselves; a row without any target gets NaN."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.full(logits.shape[0], np.nan, dtype=np.float32)
+    shifted = targets[:, 1:]
+    for i in range(logits.shape[0]):
+        tgt = shifted[i]
+        keep = tgt != IGNORE_INDEX
+        if bool(keep.any()):
+            row = logits[i, :-1][keep].to(torch.float32)
+            out[i] = float(F.cross_entropy(row, tgt[keep].to(row.device), reduction="mean"))
+    return out
+
+
+def score_batch(
+    model, input_ids, attention_mask, labels, *, scope: str, response_labels=None
+) -> dict[str, np.ndarray]:
+    """Per-sample statistics of one padded batch, all from ONE forward pass (the scoring function itself).
+
+    Returns fp32 numpy ``quality [B]`` (the gate), ``quality_layers [B, L]``, ``routing [B, L*E]``,
+    ``sample_nll [B]`` (mean NLL of every token after the first) and ``response_nll [B]`` (mean NLL of the
+    tokens ``response_labels`` marks, i.e. the assistant turns; NaN when ``response_labels`` is None or
+    marks nothing). Reductions are fp32 whatever the model dtype; only label/pad-masked tokens count, so a
+    sample scores the same alone and inside a right-padded batch.
     """
     import torch
 
     from selectmoe.model import router_sample_stats, token_mask_for_scope
 
     with torch.inference_mode():
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_router_logits=True,
-            **_lm_head_kwargs(model),
-        )
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
         mask = token_mask_for_scope(attention_mask, labels, scope)
         quality, quality_layers, routing = router_sample_stats(out.router_logits, mask)
+        sample_targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        sample_nll = mean_token_nll(out.logits, sample_targets)
+        response_nll = (
+            mean_token_nll(out.logits, response_labels)
+            if response_labels is not None
+            else np.full(input_ids.shape[0], np.nan, np.float32)
+        )
     return {
         "quality": quality.float().cpu().numpy(),
         "quality_layers": quality_layers.float().cpu().numpy(),
         "routing": routing.float().cpu().numpy(),
+        "sample_nll": sample_nll,
+        "response_nll": response_nll,
     }
 
 
-@functools.lru_cache(maxsize=8)
-def _accepts_logits_to_keep(cls) -> bool:
-    import inspect
+def answer_only_nll(model, input_ids, attention_mask, labels) -> np.ndarray:
+    """L(A): the response's mean NLL with the question left out (the IFD denominator; one more pass)."""
+    import torch
 
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return mean_token_nll(logits, labels)
 
 
-def _lm_head_kwargs(model) -> dict[str, Any]:
-    # Scoring needs the router outputs, not the [B, T, V] logits: skip the LM head where the model allows.
-    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
+def assistant_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The conversation without its question: only the assistant turns (IFD's L(A))."""
+    return [m for m in messages if m.get("role") == "assistant"]
+
+
+def response_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The EncodingSpec whose labels mark the response (assistant) tokens; same text, same tokens."""
+    return {**dict(spec), "label_mode": "assistant_only"}
 
 
 class RouterScorer:
@@ -195,22 +235,21 @@ class RouterScorer:
         model, tokenizer, _ = load_selector(model_dir, dtype=self.dtype, device=self.device)
         return model, tokenizer
 
-    def tensors(self, batch: pa.Table):
+    def _padded(self, batch: pa.Table, ids_col: str, labels_col: str):
+        """Right-padded ``(input_ids, attention_mask, labels)`` tensors of two list columns, on the device."""
         import torch
 
-        input_ids = torch.from_numpy(pad_lists(batch.column("input_ids"), self.pad_id))
-        labels = torch.from_numpy(pad_lists(batch.column("labels"), IGNORE_INDEX))
-        lengths = np.diff(batch.column("input_ids").combine_chunks().offsets.to_numpy())
+        input_ids = torch.from_numpy(pad_lists(batch.column(ids_col), self.pad_id))
+        labels = torch.from_numpy(pad_lists(batch.column(labels_col), IGNORE_INDEX))
+        lengths = np.diff(batch.column(ids_col).combine_chunks().offsets.to_numpy())
         attention_mask = torch.from_numpy(
             (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         )
-        dev = self.device
-        nb = dev.type == "cuda"
-        return (
-            input_ids.to(dev, non_blocking=nb),
-            attention_mask.to(dev, non_blocking=nb),
-            labels.to(dev, non_blocking=nb),
-        )
+        nb = self.device.type == "cuda"
+        return tuple(t.to(self.device, non_blocking=nb) for t in (input_ids, attention_mask, labels))
+
+    def tensors(self, batch: pa.Table):
+        return self._padded(batch, "input_ids", "labels")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
@@ -218,8 +257,19 @@ class RouterScorer:
             logger.warning("test hook: scorer replica exits hard (simulated kill)")
             os._exit(1)
         input_ids, attention_mask, labels = self.tensors(batch)
-        stats = score_batch(self.model, input_ids, attention_mask, labels, scope=self.scope)
+        response = None
+        if "response_labels" in batch.column_names:
+            response = self._padded(batch, "input_ids", "response_labels")[2]
+        stats = score_batch(
+            self.model, input_ids, attention_mask, labels, scope=self.scope, response_labels=response
+        )
         n = batch.num_rows
+        ifd = np.full(n, np.nan, np.float32)
+        if "answer_input_ids" in batch.column_names:
+            # IFD = L(A|Q) / L(A): > 1 means the question does not help predict the answer (misaligned).
+            ifd = stats["response_nll"] / answer_only_nll(
+                self.model, *self._padded(batch, "answer_input_ids", "answer_labels")
+            )
         return pa.table(
             {
                 "id": batch.column("id"),
@@ -228,6 +278,9 @@ class RouterScorer:
                 "truncated": batch.column("truncated"),
                 SHARD_COLUMN: batch.column(SHARD_COLUMN),
                 "quality": pa.array(stats["quality"].astype(np.float32)),
+                "response_nll": pa.array(stats["response_nll"].astype(np.float32)),
+                "sample_nll": pa.array(stats["sample_nll"].astype(np.float32)),
+                "ifd": pa.array(ifd.astype(np.float32)),
                 "quality_layers": pa.FixedSizeListArray.from_arrays(
                     pa.array(stats["quality_layers"].astype(np.float32).reshape(-1)), self.num_layers
                 ),
@@ -271,15 +324,30 @@ def _cached_encoder(tokenizer_dir: str, spec_json: str):
 
 
 def encode_and_bucket(
-    batch: pa.Table, *, tokenizer_dir: str, spec_json: str, batch_size: int
+    batch: pa.Table, *, tokenizer_dir: str, spec_json: str, batch_size: int, ifd: bool = False
 ) -> Iterator[pa.Table]:
     """CPU stage before the model (Ray tasks): THE encoder (:class:`EncodeBatch`, built once per worker
-    process and cached) over a window of ``sort_window`` rows, then :func:`_bucket_by_length`. Tasks rather
-    than an actor pool: they spread over every free CPU, overlap with the model replicas, and their worker
-    processes (tokenizer already loaded) are reused by the next run instead of starting a new actor."""
+    process and cached) over a window of ``sort_window`` rows, the response labels (same text, labels on
+    the assistant tokens) and, with ``ifd``, the answer-only encoding, then :func:`_bucket_by_length`.
+    Tasks rather than an actor pool: they spread over every free CPU, overlap with the model replicas, and
+    their worker processes (tokenizer already loaded) are reused by the next run instead of starting a
+    new actor."""
+    from selectmoe.data.ray_io import _messages_column
+
     encoded = _cached_encoder(tokenizer_dir, spec_json)(batch)
     if not isinstance(encoded, pa.Table):  # a dict of columns
         encoded = pa.table(encoded)
+    conversations = _messages_column(batch)
+    resp = _cached_encoder(tokenizer_dir, json.dumps(response_spec(json.loads(spec_json)), sort_keys=True))
+    by_response = resp.encoder.encode_many(conversations)
+    encoded = encoded.append_column(
+        "response_labels", pa.array([e.labels for e in by_response], pa.list_(pa.int32()))
+    )
+    if ifd:
+        answers = resp.encoder.encode_many([assistant_only(c) for c in conversations])
+        encoded = encoded.append_column(
+            "answer_input_ids", pa.array([e.input_ids for e in answers], pa.list_(pa.int32()))
+        ).append_column("answer_labels", pa.array([e.labels for e in answers], pa.list_(pa.int32())))
     yield from _bucket_by_length(encoded, batch_size=batch_size)
 
 
@@ -359,6 +427,7 @@ def build_score_dataset(
             tokenizer_dir=tokenizer_dir(cfg.model_dir),
             spec_json=json.dumps(dict(encoding), sort_keys=True),
             batch_size=int(cfg.batch_size),
+            ifd=bool(cfg.ifd),
         ),
         batch_format="pyarrow",
         batch_size=max(int(cfg.sort_window), int(cfg.batch_size)),
@@ -474,14 +543,17 @@ def _remove_orphans(out_dir: Path, names: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
-def model_fingerprint(model_dir: str, encoding: Mapping[str, Any], dtype: str, use_gpu: bool) -> str:
-    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype)."""
+def model_fingerprint(
+    model_dir: str, encoding: Mapping[str, Any], dtype: str, use_gpu: bool, *, ifd: bool = False
+) -> str:
+    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype, IFD pass)."""
     fp = fingerprint(model_dir)
     payload = {
         "model": fp["sha256"],
         "encoding": dict(encoding),
         "dtype": str(resolve_dtype(dtype, use_gpu)),
         "format": SCORE_FORMAT_VERSION,
+        "ifd": bool(ifd),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -512,7 +584,7 @@ def run_score(
     init_ray()
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     encoding = read_encoding_spec(cfg.model_dir)
-    model_fp = model_fingerprint(str(cfg.model_dir), encoding, cfg.dtype, use_gpu)
+    model_fp = model_fingerprint(str(cfg.model_dir), encoding, cfg.dtype, use_gpu, ifd=bool(cfg.ifd))
     inputs = {name: _input_record(p) for name, p in names.items()}
     skipped = [n for n in names if shard_is_done(out_dir, n, inputs[n], model_fp)]
     pending = [n for n in names if n not in set(skipped)]
@@ -667,7 +739,7 @@ def _columns(table: pa.Table, num_layers: int, width: int) -> dict[str, Any]:
         "dataset": table.column("dataset").to_pylist(),
         "n_tokens": table.column("n_tokens").to_numpy(),
         "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
-        "quality": table.column("quality").to_numpy(),
+        **{c: table.column(c).to_numpy() for c in ("quality", "response_nll", "sample_nll", "ifd")},
         "quality_layers": fixed("quality_layers", num_layers),
         "routing": fixed("routing", width),
     }

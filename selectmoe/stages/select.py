@@ -2,13 +2,15 @@
 
 ``run_select(cfg)`` reads router data (``load_router_data``), L2-normalises the float32 routing
 features, clusters them (a fixed ``cfg.k`` or a Ray k sweep over every k in ``cfg.k_range`` with the
-k chosen by ``cfg.k_choice``), applies ``cfg.policy`` at budget ``max(1, round(pct × N))`` plus every
+k chosen by ``cfg.k_choice``), ranks rows by ``cfg.score`` (one of :data:`selectmoe.selection.SCORERS`),
+applies ``cfg.policy`` at budget ``max(1, round(pct × N))`` plus every
 ``cfg.baselines`` policy at the same budget, joins the picked ids against the ingested pool shards by
 streaming (memory O(selected)) and writes::
 
     selected_data.jsonl          {"dataset", "id", "scores", "cluster", "messages"} in selection order
     selected_<baseline>.jsonl    same format, same budget, cluster = the chosen labels
-    selection.json               k curves, chosen k + reason, cluster sizes/mean quality, counts, inputs
+    selection.json               k curves, chosen k + reason, cluster sizes/mean score, counts, inputs,
+                                 diversity (clusters covered, cluster-mix entropy) of every policy
     plots/*.png                  (cfg.plots) k sweep, cluster sizes, score histogram
     _manifest.json               write_manifest(stage="select")
 
@@ -36,7 +38,8 @@ from selectmoe.cluster.sweep import fit_k, k_values, sweep_k
 from selectmoe.config import SelectConfig
 from selectmoe.manifest import fingerprint, read_manifest, write_manifest
 from selectmoe.router_data import load_router_data
-from selectmoe.selection.policies import budget_for, get_policy
+from selectmoe.selection.policies import budget_for, cluster_mix, get_policy
+from selectmoe.selection.scorers import SCORERS, available_scorers, scorer_values
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,11 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     n = len(rd)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
+    if cfg.score not in available_scorers(rd):
+        raise ValueError(
+            f"select.score={cfg.score!r}: not one of the scorers {cfg.router_dir} has values for "
+            f"({available_scorers(rd)}; all: {list(SCORERS)}; ifd needs score.ifd=true)"
+        )
     X = _features(rd.routing)
     clusterer = get_clusterer(cfg.method)
     common = dict(
@@ -127,12 +135,15 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         i = sweep.ks.index(k)
         inertia, sil = sweep.inertia[i], sweep.silhouette[i]
     labels = np.asarray(labels, dtype=np.int64)
-    quality = rd.quality.astype(np.float64)
+    quality = scorer_values(rd, cfg.score)  # the ranking score, higher = better (see selection/scorers.py)
 
     budget = budget_for(n, cfg.selection_percentage)
-    picks = {"selected": get_policy(cfg.policy)(quality, labels, budget, ids=rd.ids, seed=seed)}
-    for name in cfg.baselines:
-        picks[name] = get_policy(name)(quality, labels, budget, ids=rd.ids, seed=seed)
+    picks = {
+        name: get_policy(policy, quality_floor=cfg.quality_floor)(
+            quality, labels, budget, ids=rd.ids, seed=seed
+        )
+        for name, policy in [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
+    }
     wanted = {rd.ids[int(i)] for idx in picks.values() for i in idx}
     messages = fetch_messages(cfg.pool_dir, wanted)
     paths: dict[str, str] = {}
@@ -167,6 +178,9 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         },
         "counts": counts,
         "baselines": {name: len(idx) for name, idx in picks.items() if name != "selected"},
+        "score": cfg.score,
+        "quality_floor": cfg.quality_floor,
+        "diversity": {name: cluster_mix(labels, idx, k) for name, idx in picks.items()},
         "mean_quality": {
             "pool": float(quality.mean()),
             **{name: float(quality[idx].mean()) if len(idx) else None for name, idx in picks.items()},

@@ -1,0 +1,94 @@
+"""Per-sample quality scorers, all oriented "higher = keep", and their AUC against known clean/bad labels.
+
+The score stage stores four raw columns per sample (router data): the trained quality gate (``quality``),
+the base model's mean token NLL of the response (``response_nll``) and of the whole sample
+(``sample_nll``), and optionally IFD (``ifd``). Selection ranks by one scorer:
+
+| scorer | value (higher = better) | why |
+|---|---|---|
+| ``gate`` | ``quality`` | the seed's method: mean gate ``g`` of the warmed-up selector |
+| ``response_nll`` | ``-response_nll`` | a perplexity filter on the answer: corrupted answers are surprising |
+| ``sample_nll`` | ``-sample_nll`` | the same over prompt + answer (a clean prompt dilutes a bad answer) |
+| ``ifd`` | ``-ifd`` | Cherry's IFD = L(A|Q)/L(A); a question that does not help predict its answer (IFD ≈ 1 or more) marks a mismatched pair. Needs ``score.ifd=true`` |
+| ``gate_ppl_rank`` | mean of the normalised ranks of ``gate`` and ``response_nll`` | a documented combination: equal say to the gate and the perplexity, scale-free |
+| ``nll_ifd_min`` | the lower of the normalised ranks of ``response_nll`` and ``ifd`` | a sample is as good as its worse view: perplexity catches garbled answers, IFD answers that do not fit their question (``score.ifd=true``) |
+
+A missing value (NaN: no response token inside the window, IFD not computed) ranks last, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+
+SCORERS = ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min")
+# combinations: name -> (scorers combined, how)
+_COMBINED = {
+    "gate_ppl_rank": (("gate", "response_nll"), "mean"),
+    "nll_ifd_min": (("response_nll", "ifd"), "min"),
+}
+_COLUMN = {"gate": "quality", "response_nll": "response_nll", "sample_nll": "sample_nll", "ifd": "ifd"}
+_SIGN = {"gate": 1.0, "response_nll": -1.0, "sample_nll": -1.0, "ifd": -1.0}
+
+
+def check_scorer(name: str) -> str:
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; expected one of {list(SCORERS)}")
+    return name
+
+
+def _worst_for_nan(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    floor = values[finite].min() - 1.0 if finite.any() else 0.0
+    return np.where(finite, values, floor)
+
+
+def _norm_rank(values: np.ndarray) -> np.ndarray:
+    return rankdata(_worst_for_nan(values)) / max(len(values), 1)
+
+
+def scorer_values(columns: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """float64 ``[N]``, higher = better, NaN -> below every finite value. ``columns``: the router-data
+    columns ``quality``, ``response_nll``, ``sample_nll``, ``ifd`` (a :class:`RouterData` works too)."""
+    check_scorer(name)
+    get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
+    if name in _COMBINED:
+        parts, how = _COMBINED[name]
+        ranks = np.stack([_norm_rank(scorer_values(columns, p)) for p in parts])
+        return ranks.mean(axis=0) if how == "mean" else ranks.min(axis=0)
+    raw = np.asarray(get(_COLUMN[name]), np.float64)
+    return _worst_for_nan(_SIGN[name] * raw)
+
+
+def available_scorers(columns: Mapping[str, np.ndarray]) -> list[str]:
+    """Scorers with at least one finite raw value (``ifd`` only when the score stage computed it)."""
+    get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
+    have = {n for n, c in _COLUMN.items() if np.isfinite(np.asarray(get(c), np.float64)).any()}
+    return [n for n in SCORERS if n in have or (n in _COMBINED and set(_COMBINED[n][0]) <= have)]
+
+
+def scorer_aucs(
+    columns: Mapping[str, np.ndarray], kinds: Sequence[str], *, clean: str = "clean"
+) -> dict[str, dict[str, float]]:
+    """``{scorer: {"overall": AUC, <kind>: AUC, ...}}``: ROC AUC (sklearn) of each scorer separating the
+    ``clean`` rows (positives) from all bad rows, and from each bad kind alone. 0.5 = no signal."""
+    kinds = np.asarray(kinds, dtype=object)
+    is_clean = kinds == clean
+    bad_kinds = sorted({str(k) for k in kinds[~is_clean]})
+    out: dict[str, dict[str, float]] = {}
+    if not is_clean.any() or not bad_kinds:
+        return out
+    for name in available_scorers(columns):
+        values = scorer_values(columns, name)
+        row = {"overall": float(roc_auc_score(is_clean, values))}
+        for kind in bad_kinds:
+            sel = is_clean | (kinds == kind)
+            row[kind] = float(roc_auc_score(is_clean[sel], values[sel]))
+        out[name] = row
+    return out
+
+
+__all__ = ["SCORERS", "available_scorers", "check_scorer", "scorer_aucs", "scorer_values"]

@@ -1,0 +1,106 @@
+"""The report's first screen: known-bad share vs pool vs random, coverage, every scorer's AUC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from selectmoe.router_data import RouterDataWriter
+
+
+def _demo_run(tmp_path):
+    """Router data of 8 rows (4 clean, 2 noise, 2 truncate), hidden labels, two selection files."""
+    ids = [f"r{i}" for i in range(8)]
+    kinds = ["clean", "noise", "clean", "truncate", "clean", "noise", "clean", "truncate"]
+    nll = np.array([1.0, 5.0, 1.5, 2.0, 1.2, 4.0, 0.9, 1.4])
+    gate = np.array([0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.4, 0.3])
+    router = tmp_path / "router"
+    w = RouterDataWriter(router, "s0", 1, 2)
+    w.write_batch(
+        {
+            "id": ids, "dataset": ["d"] * 8, "n_tokens": np.full(8, 5), "truncated": np.zeros(8, bool),
+            "quality": gate, "response_nll": nll, "sample_nll": nll / 2, "quality_layers": gate[:, None],
+            "routing": np.full((8, 2), 0.5),
+        }
+    )  # fmt: skip
+    w.close()
+    labels = tmp_path / "assets" / "pool_labels.jsonl"
+    labels.parent.mkdir()
+    labels.write_text("".join(json.dumps({"id": i, "label": k}) + "\n" for i, k in zip(ids, kinds)))
+    sel = tmp_path / "sel"
+    sel.mkdir()
+    for name, picked in (
+        ("selected_data", ["r0", "r2", "r4", "r6"]),
+        ("selected_random", ["r1", "r2", "r3", "r4"]),
+    ):
+        (sel / f"{name}.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in picked))
+    diversity = {
+        "selected": {"clusters_covered": 2, "clusters": 2, "coverage": 1.0, "entropy_norm": 1.0},
+        "random": {"clusters_covered": 1, "clusters": 2, "coverage": 0.5, "entropy_norm": 0.0},
+    }
+    info = {"chosen_k": 2, "score": "response_nll", "policy": "quality_round_robin", "diversity": diversity}
+    (sel / "selection.json").write_text(json.dumps(info))
+    return router, sel, labels
+
+
+def test_demo_figures_values(tmp_path):
+    from selectmoe.report import demo_figures
+
+    router, sel, labels = _demo_run(tmp_path)
+    fig = demo_figures(router, sel, labels)
+    assert fig["pool"] == {"n": 8, "bad_share": 0.5}
+    assert fig["sets"]["selected"]["bad_share"] == 0.0 and fig["sets"]["selected"]["clusters_covered"] == 2
+    assert fig["sets"]["random"]["bad_share"] == 0.5 and fig["sets"]["random"]["vs_pool"] == 1.0
+    assert fig["sets"]["random"]["coverage"] == 0.5
+    # response NLL: clean {1.0, 1.5, 1.2, 0.9} vs noise {5, 4} -> 1.0; vs truncate {2.0, 1.4}: 7/8 pairs
+    assert fig["scorers"]["response_nll"] == pytest.approx(
+        {"overall": 15 / 16, "noise": 1.0, "truncate": 7 / 8}
+    )
+    # gate: clean {.9,.5,.7,.4} vs noise {.2,.8}: 2+1+1+1 = 5/8; vs truncate {.6,.3}: 2+1+2+1 = 6/8
+    assert fig["scorers"]["gate"] == pytest.approx({"overall": 11 / 16, "noise": 5 / 8, "truncate": 6 / 8})
+    assert (fig["chosen_k"], fig["score"]) == (2, "response_nll")
+    # an id without a label is an error, not a silent "clean"
+    labels.write_text(labels.read_text().split("\n", 1)[1])
+    with pytest.raises(ValueError, match="no label for 1 router-data ids"):
+        demo_figures(router, sel, labels)
+
+
+def test_report_leads_with_the_answer(tmp_path):
+    from selectmoe.config import PipelineConfig
+    from selectmoe.report import build_run_report
+
+    router, sel, labels = _demo_run(tmp_path)
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"))
+    cfg.demo.enabled, cfg.demo.dir = True, str(labels.parent)
+    cfg.score.output_dir, cfg.select.output_dir = str(router), str(sel)
+    for stage in ("data", "evaluate"):
+        node = getattr(cfg, stage)
+        for key in ("ingest_dir", "output_dir"):
+            if hasattr(node, key):
+                setattr(node, key, str(tmp_path / "none"))
+    warmup = tmp_path / "warmup"
+    warmup.mkdir()
+    probe = {
+        "n_clean": 8,
+        "per_corruption": {"swap_response": 0.5},
+        "before": {"probe_gate_auc": 0.4, "probe_auc_swap_response": 0.45, "probe_response_nll_auc": 0.8},
+        "after": {"probe_gate_auc": 0.6, "probe_response_nll_auc": 0.85, "probe_paired_win_rate": 0.7},
+    }
+    (warmup / "_manifest.json").write_text(json.dumps({"stage": "warmup", "extra": {"probe": probe}}))
+    cfg.warmup.output_dir = str(warmup)
+    build_run_report(cfg)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    first = md.split("\n## ")[1]
+    assert first.startswith("What the selection achieved")
+    assert (
+        "selected 0.000 vs pool 0.500 vs random 0.500 (0.00x the pool), 2/2 clusters covered, k = 2" in first
+    )
+    assert "| response perplexity (selector NLL) | 0.9375 | 1 | 0.875 |" in md
+    # the warmup probe in readable rows: scorer, before, after
+    assert "## Warmup probe: AUC of 8 held-out clean samples vs their corrupted twins" in md
+    assert "| quality gate (seed method) | 0.4 | 0.6 |" in md
+    assert "| response perplexity (selector NLL) | 0.8 | 0.85 |" in md
+    assert "| quality gate, swap response twins | 0.45 | 0.5 |" in md
+    assert "| quality gate, clean beats its own twin (share) |  | 0.7 |" in md
