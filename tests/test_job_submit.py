@@ -93,6 +93,7 @@ def ray_head():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two full pipeline runs (submitted, then every stage again as a CLI driver)
 def test_ray_job_submit_runs_the_demo_pipeline_and_resumes(ray_head, tmp_path):
     out = tmp_path / "run"
     runtime_env = {"excludes": [".git", ".venv", "outputs", "*.safetensors", ".pytest_cache"]}
