@@ -3,8 +3,10 @@
 Two ``loop.fit`` runs on 2 CPU workers (gloo), same rows, seed and batches: ``strategy=ddp`` (every
 worker holds the whole fp32 model) and ``strategy=fsdp`` (FSDP2, one unit per decoder layer: each worker
 holds half the shards plus one layer gathered at a time). The figure is the loop's ``peak_mem_mb``
-(rank 0's peak resident set during training, after sharding) and the final LoRA tensors' largest
-difference between the two runs.
+(rank 0's peak resident set during training, after sharding), the parameter memory each worker holds
+(``param_mb``), and the final LoRA tensors' largest difference between the two runs. Then the same
+factory and ``shard_model`` in plain ``torch.distributed`` (gloo, 2 spawned processes, 3 steps): the peak
+resident set without Ray Train's worker around it.
 
     python benchmarks/fsdp_memory.py [--layers 14] [--hidden 768] [--steps 4] [--length 128]
 """
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,62 @@ def build_target(root: Path, *, layers: int, hidden: int, vocab: int) -> tuple[s
     model = LlamaForCausalLM(cfg).float()
     model.save_pretrained(root / "target")
     return str(root / "target"), sum(p.numel() for p in model.parameters())
+
+
+def _plain_worker(rank: int, world: int, model_dir: str, strategy: str, args, port: int, out) -> None:
+    """One rank of the plain torch.distributed (gloo) run: the same factory and ``shard_model`` as the loop,
+    3 forward/backward steps of 2 rows, peak resident set sampled every 20 ms after wrapping."""
+    import threading
+
+    import torch.distributed as dist
+
+    from selectmoe.stages.finetune import LoraModelFactory
+    from selectmoe.training.fsdp import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = LoraModelFactory(model_dir, 8, 16, 0.0, ["q_proj", "v_proj"])()
+    if strategy == "fsdp":
+        model = shard_model(model, torch.device("cpu"), bf16=False)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    page = os.sysconf("SC_PAGE_SIZE")
+    peak = [0]
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                peak[0] = max(peak[0], int(fh.read().split()[1]) * page)
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    ids = torch.randint(3, args.vocab, (2, args.length), generator=torch.Generator().manual_seed(rank))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    time.sleep(0.05)
+    if rank == 0:
+        out.put(peak[0] / 2**20)
+    dist.destroy_process_group()
+
+
+def plain_peaks(model_dir: str, args) -> dict[str, float]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    peaks = {}
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc at start-up of the spawned ranks
+    for strategy in ("ddp", "fsdp"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        mp.start_processes(_plain_worker, args=(2, model_dir, strategy, args, port, queue), nprocs=2,
+                           start_method="spawn")  # fmt: skip
+        peaks[strategy] = queue.get(timeout=60)
+    return peaks
 
 
 def main(argv=None) -> int:
@@ -86,6 +145,7 @@ def main(argv=None) -> int:
             log = (Path(tmp) / strategy / "train_metrics.jsonl").read_text().splitlines()
             print(strategy, [round(json.loads(x)["peak_mem_mb"]) for x in log], flush=True)
             results[strategy] = (res.metrics, res.trainable_state())
+        plain = plain_peaks(model_dir, args)
         diff = max(
             float((results["ddp"][1][k] - results["fsdp"][1][k]).abs().max()) for k in results["ddp"][1]
         )
@@ -99,6 +159,9 @@ def main(argv=None) -> int:
         "fsdp_over_ddp": round(fsdp_mb / ddp_mb, 3),
         "ddp_param_mb_per_worker": round(results["ddp"][0]["param_mb"], 1),
         "fsdp_param_mb_per_worker": round(results["fsdp"][0]["param_mb"], 1),
+        "plain_gloo_ddp_peak_mb": round(plain["ddp"], 1),
+        "plain_gloo_fsdp_peak_mb": round(plain["fsdp"], 1),
+        "plain_gloo_fsdp_over_ddp": round(plain["fsdp"] / plain["ddp"], 3),
         "ddp_tokens_per_s": round(results["ddp"][0]["tokens_per_s"], 1),
         "fsdp_tokens_per_s": round(results["fsdp"][0]["tokens_per_s"], 1),
         "max_abs_diff_lora": diff,

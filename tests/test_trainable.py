@@ -128,8 +128,9 @@ def test_selector_round_trip(tok, base_dir, tmp_path, mode):
     assert torch.allclose(
         ref.router_logits[2]["quality_score"], got.router_logits[2]["quality_score"], atol=1e-6
     )
-    half, _, _ = load_selector(out, dtype="bfloat16")
-    assert half.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+    half, _, _ = load_selector(out, dtype="bfloat16")  # the gate and router stay fp32 (model.precision)
+    assert half.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert half.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
 
 
 def test_load_plain_converted_dir(tok, base_dir):
