@@ -26,15 +26,15 @@ _CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<choi
 def nearest_key(key: str, candidates: Iterable[str]) -> str | None:
     """The valid key the user most likely meant, or None.
 
-    ``difflib`` alone ranks ``lora_dropout`` above ``lr`` for ``lr_typo`` (longer common subsequence), so
-    a key the typo extends at a ``_``/``.`` boundary wins first, then the closest by difflib ratio.
+    The closest by difflib ratio (``k_rnge`` -> ``k_range``); failing that, a key the typo extends at a
+    ``_`` boundary (``lr_typo`` -> ``lr``: difflib alone ranks ``lora_dropout`` above ``lr``).
     """
     names = sorted(set(candidates))
-    extended = [n for n in names if key.startswith((n + "_", n + "."))]
-    if extended:
-        return max(extended, key=len)
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return close[0] if close else None
+    if close:
+        return close[0]
+    extended = [n for n in names if key.startswith(n + "_")]
+    return max(extended, key=len) if extended else None
 
 
 def explain(
