@@ -73,10 +73,17 @@ def explain(
     if isinstance(exc, OmegaConfBaseException):
         where = getattr(exc, "full_key", None)
         return f"{where}: {_first_line(exc)}" if where else f"config: {_first_line(exc)}"
-    if isinstance(exc, FileNotFoundError) and source is not None and not Path(source).exists():
+    if isinstance(exc, FileNotFoundError) and _names_missing_source(exc, source, presets):
         guess = nearest_key(str(source), presets)
         return f"{exc}; did you mean {guess}?" if guess else str(exc)
     return None
+
+
+def _names_missing_source(exc: FileNotFoundError, source: str | None, presets: Sequence[str]) -> bool:
+    """The error is about the config the user named (not a file a stage failed to find)."""
+    if source is None or source in presets or Path(source).exists():
+        return False
+    return repr(str(source)) in str(exc) or str(source) in str(exc)
 
 
 def _first_line(exc: BaseException) -> str:
