@@ -107,7 +107,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     conv.add_argument("dst", help="output directory")
     conv.add_argument("--gate-init-bias", type=float, default=None, help="default: convert.gate_init_bias")
     conv.add_argument("--gate-init-std", type=float, default=None, help="default: convert.gate_init_std")
-    conv.add_argument("--trash-expert-mode", default=None, help="zero | noise | custom")
+    conv.add_argument("--trash-expert-mode", default=None, choices=["zero", "noise", "custom"])
     conv.add_argument("--no-verify", action="store_true", help="skip the logits check")
 
     probe = add("probe", _cmd_probe, "label-free quality probe AUC of a selector (clean vs corrupted twins)")
@@ -304,6 +304,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if (target / "shards").is_dir():
+        if args.overrides:
+            raise ValueError(
+                f"overrides {args.overrides} apply to a config, not to the router-data dir {target}"
+            )
         out = build_router_report(target, Path(args.out) if args.out else target / "report")
     else:
         from selectmoe.config import load_config

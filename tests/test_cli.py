@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from selectmoe.cli import main, parse_args
-from selectmoe.config_errors import nearest_key
+from selectmoe.config_errors import explain, nearest_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,19 @@ def test_select_needs_exactly_one_target(capsys):
         capsys.readouterr().err
         == "selectmoe select: error: give exactly one of CONFIG, ROUTER_DIR or --batch ROOT\n"
     )
+
+
+def test_select_with_a_config_refuses_router_dir_options(capsys):
+    assert main(["select", "demo", "--out", "x"]) == 2
+    assert "--pool-dir/--out apply to a ROUTER_DIR" in capsys.readouterr().err
+
+
+def test_a_missing_stage_input_is_not_blamed_on_the_preset():
+    missing = FileNotFoundError("pool file /data/x.jsonl does not exist")
+    assert explain(missing, source="demo", presets=["demo"]) is None
+    assert explain(missing, source="dmeo", presets=["demo"]) is None  # about another file
+    unknown = FileNotFoundError("no config file or preset named 'dmeo' (presets: demo)")
+    assert explain(unknown, source="dmeo", presets=["demo"]).endswith("; did you mean demo?")
 
 
 def test_nearest_key():
