@@ -145,10 +145,11 @@ def _force(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(
-    p: argparse.ArgumentParser, help: str = "dotted overrides, e.g. select.k_range=[10,40]"
+    p: argparse.ArgumentParser, text: str = "dotted overrides, e.g. select.k_range=[10,40]"
 ) -> None:
-    """Documents the overrides; :func:`parse_args` takes them out before argparse sees the line."""
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{help}; anywhere after the command")
+    """Documents the overrides; :func:`parse_args` takes them out before argparse sees the line, so what
+    argparse still puts here is a stray argument."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{text}; anywhere after the command")
     p.set_defaults(takes_overrides=True)
 
 
@@ -164,6 +165,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return parser.parse_args(argv)
     rest, overrides = split_overrides(tail)
     args = parser.parse_args([*head, *rest])
+    if args.overrides:
+        sub.error(f"unrecognized arguments: {' '.join(args.overrides)} (overrides are key=value)")
     args.overrides = overrides
     return args
 

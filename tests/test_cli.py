@@ -58,6 +58,13 @@ def test_option_values_and_files_with_equals_are_not_overrides():
     assert parse_args(["validate", "k=v.jsonl", "--out", "d"]).files == ["k=v.jsonl"]
 
 
+def test_a_stray_argument_is_an_error_not_dropped(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(["run", "demo", "extra", "a=1"])
+    assert done.value.code == 2
+    assert "unrecognized arguments: extra (overrides are key=value)" in capsys.readouterr().err
+
+
 def test_override_after_only_is_not_taken_as_a_stage(capsys):
     assert main(["run", "demo", "--only", "polish", "data.format=x"]) == 2
     err = capsys.readouterr().err
