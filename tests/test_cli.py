@@ -3,11 +3,14 @@ two lines naming the key (exit 2), and a package import that loads nothing heavy
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import omegaconf
 import pytest
 
 from selectmoe.cli import main, parse_args
@@ -108,6 +111,36 @@ def test_a_missing_stage_input_is_not_blamed_on_the_preset():
     assert explain(missing, source="dmeo", presets=["demo"]) is None  # about another file
     unknown = FileNotFoundError("no config file or preset named 'dmeo' (presets: demo)")
     assert explain(unknown, source="dmeo", presets=["demo"]).endswith("; did you mean demo?")
+
+
+class Policy(enum.Enum):
+    top_k = "top_k"
+    random = "random"
+
+
+@dataclasses.dataclass
+class _Stage:
+    source: str = omegaconf.MISSING
+    policy: Policy = Policy.top_k
+
+
+def _raised(overrides: list[str]) -> Exception:
+    with pytest.raises(Exception) as caught:
+        merged = omegaconf.OmegaConf.merge(
+            omegaconf.OmegaConf.structured(_Stage), omegaconf.OmegaConf.from_dotlist(overrides)
+        )
+        omegaconf.OmegaConf.to_object(merged)
+    return caught.value
+
+
+def test_enum_choices_and_missing_values_as_omegaconf_raises_them():
+    """The forms a config with enums and `???` fields raises (OmegaConf's own exceptions, not ours)."""
+    bad = _raised(["source=/m", "policy=nope"])
+    assert explain(bad, overrides=["policy=nope"]) == "policy=nope: not one of [top_k, random]"
+    missing = _raised([])
+    assert explain(missing, source="mine.yaml") == (
+        "mandatory value source is not set (`???` in mine.yaml); give source=..."
+    )
 
 
 def test_nearest_key():
