@@ -183,6 +183,11 @@ def test_bad_choice_lists_the_choices(capsys):
     assert "nope" in err and "quality_round_robin" in err and "proportional" in err
 
 
+def test_select_config_keys_of_a_router_dir_are_checked_too(tmp_path, capsys):
+    assert main(["select", str(tmp_path), "--pool-dir", str(tmp_path), "k_typo=3"]) == 2
+    assert capsys.readouterr().err == "selectmoe select: error: unknown key k_typo; did you mean k?\n"
+
+
 def test_mistakes_in_a_yaml_file_name_file_line_or_key(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("seed: 1\nselect:\n  k_range: [4\n  k: 3\n")
