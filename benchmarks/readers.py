@@ -47,7 +47,7 @@ def write_copies(src: Path, rows: int | None, tmp: Path) -> tuple[Path, Path, in
 def time_validate(path: Path, out: Path) -> float:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        assert validate_main([str(path), "--out", str(out)]) == 0
+        assert validate_main([str(path)], out) == 0
     return time.perf_counter() - t0
 
 

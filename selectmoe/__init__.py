@@ -1,5 +1,24 @@
-"""selectmoe."""
+"""selectmoe: Select-MoE data selection on Ray.
+
+Importing the package imports nothing heavy (the CLI's ``--help`` must not wait for torch); submodules load
+on first use, ``selectmoe.model`` (which registers ``select_moe`` with the transformers Auto classes) too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 __version__ = "0.1.0"
 
-import selectmoe.model  # noqa: F401  (registers select_moe with AutoConfig / AutoModelForCausalLM)
+
+def __getattr__(name: str) -> ModuleType:
+    """``selectmoe.model`` etc. without an explicit import of the submodule (PEP 562)."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -19,7 +19,6 @@ and reports
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -192,7 +191,15 @@ def _sample_records(records: list[dict[str, Any]], n: int, seed: int) -> list[di
     return random.Random(seed).sample(records, n)
 
 
-def probe_main(argv: Sequence[str] | None = None) -> int:
+def probe_main(
+    model_dir: str,
+    pool: Sequence[str],
+    *,
+    n: int = 64,
+    seed: int = 42,
+    batch_size: int = 16,
+    fmt: str = "auto",
+) -> int:
     """``selectmoe probe MODEL_DIR POOL... [--n N] [--seed S] [--batch-size B]``: prints the probe JSON.
 
     MODEL_DIR is a selector artefact or a converted Select-MoE directory; POOL are instruction files (any
@@ -206,29 +213,20 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
     from selectmoe.data.ingest import ensure_ingested, iter_ingested_records
     from selectmoe.model import load_selector
 
-    parser = argparse.ArgumentParser(prog="selectmoe probe", description=probe_main.__doc__)
-    parser.add_argument("model_dir")
-    parser.add_argument("pool", nargs="+")
-    parser.add_argument("--n", type=int, default=64, help="clean samples (default 64)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--format", default="auto")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, encoding = load_selector(
-        args.model_dir, dtype=torch.bfloat16 if device == "cuda" else None, device=device
+        model_dir, dtype=torch.bfloat16 if device == "cuda" else None, device=device
     )
     encoder = ChatEncoder(tokenizer, EncodingSpec.from_dict(encoding or None))
     with tempfile.TemporaryDirectory(prefix="selectmoe-probe-") as tmp:
-        ensure_ingested(args.pool, tmp, fmt=args.format, strict=False)
+        ensure_ingested(list(pool), tmp, fmt=fmt, strict=False)
         records = [{"id": r["id"], "messages": r["messages"]} for r in iter_ingested_records(tmp)]
     if not records:
         print(json.dumps({"error": "no valid records in the pool"}), file=sys.stderr)
         return 2
-    chosen = _sample_records(records, args.n, args.seed)
-    result = probe(model, encoder, build_probe_set(chosen, seed=args.seed), batch_size=args.batch_size)
-    result.update(model_dir=str(args.model_dir), seed=args.seed)
+    chosen = _sample_records(records, n, seed)
+    result = probe(model, encoder, build_probe_set(chosen, seed=seed), batch_size=batch_size)
+    result.update(model_dir=str(model_dir), seed=seed)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import selectmoe  # noqa: F401
+import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
 from selectmoe.model import SelectMoeForCausalLM, convert_olmoe
 from selectmoe.model.convert import build_select_moe_from_olmoe, verify_logits
 from selectmoe.model.tiny import build_tiny_dense_target, build_tiny_olmoe, train_bpe_tokenizer

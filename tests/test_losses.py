@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-import selectmoe  # noqa: F401
+import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
 from selectmoe.model import apply_trainable, register_quality_loss
 from selectmoe.model.losses import quality_loss
 from selectmoe.model.tiny import build_tiny_select_moe, train_bpe_tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import selectmoe  # noqa: F401  (registers the Auto classes)
+import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
 from selectmoe.model import (
     SelectMoeConfig,
     SelectMoeForCausalLM,

@@ -111,11 +111,11 @@ def test_probe_uses_the_scoring_definition(selector_dir):
 
 
 def test_probe_cli(selector_dir, tmp_path, capsys):
-    from selectmoe.probe import probe_main
+    from selectmoe.cli import main
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
-    assert probe_main([str(selector_dir / "model"), str(pool), "--n", "6", "--seed", "1"]) == 0
+    assert main(["probe", str(selector_dir / "model"), str(pool), "--n", "6", "--seed", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_clean"] == 6 and out["n_corrupt"] == 24
     assert 0.0 <= out["probe_auc"] <= 1.0

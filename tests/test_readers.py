@@ -173,7 +173,7 @@ def test_empty_files_warn_or_fail_under_strict(tmp_path: Path, caplog):
     ]
     with pytest.raises(ValueError, match=r"e\.jsonl is empty \(no rows\) \(data\.strict=true\)"):
         ingest_pool([str(tmp_path / "e.jsonl")], tmp_path / "s", strict=True)
-    assert validate_main([str(tmp_path / "e.json"), "--out", str(tmp_path / "v"), "--strict"]) == 2
+    assert validate_main([str(tmp_path / "e.json")], tmp_path / "v", strict=True) == 2
 
 
 def test_skipped_directory_files_are_named(tmp_path: Path, caplog):

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selectmoe.cli import main
 from selectmoe.data.ingest import (
     ensure_ingested,
     ingest_pool,
     iter_ingested_records,
     list_shards,
-    validate_main,
 )
 from selectmoe.data.readers import expand_inputs
 from selectmoe.data.records import RecordError, normalize, stable_id
@@ -254,11 +254,11 @@ def test_adapters_and_stable_id():
 
 def test_validate_cli(pool: Path, tmp_path: Path, capsys):
     out = tmp_path / "val"
-    assert validate_main([str(pool / "a.jsonl"), "--out", str(out)]) == 0
+    assert main(["validate", str(pool / "a.jsonl"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "broken_json: 1" in printed and "duplicate_id: 1" in printed
     assert len(_rejects(out)) == len(EXPECTED_A)
-    assert validate_main([str(pool / "a.jsonl"), "--out", str(out), "--strict"]) == 2
+    assert main(["validate", str(pool / "a.jsonl"), "--out", str(out), "--strict"]) == 2
     assert "a.jsonl:2: broken_json" in capsys.readouterr().err
-    assert validate_main([str(pool / "b.json"), "--out", str(out), "--format", "messages"]) == 0
+    assert main(["validate", str(pool / "b.json"), "--out", str(out), "--format", "messages"]) == 0
     assert [r["reason"] for r in _rejects(out)] == ["truncated_json"]

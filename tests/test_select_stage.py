@@ -5,10 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selectmoe.cli import main
 from selectmoe.config import SelectConfig
 from selectmoe.manifest import write_manifest
 from selectmoe.router_data import RouterDataWriter
-from selectmoe.stages.select import run_select, select_main
+from selectmoe.stages.select import run_select
 
 L, E = 2, 4
 
@@ -120,8 +121,9 @@ def test_fixed_k_policies_and_cli(tmp_path):
     assert [p.name for p in sorted((tmp_path / "o").glob("selected*.jsonl"))] == ["selected_data.jsonl"]
     # CLI: explicit pool dir + overrides
     assert (
-        select_main(
+        main(
             [
+                "select",
                 str(router),
                 "--pool-dir",
                 str(pool),
@@ -139,15 +141,15 @@ def test_fixed_k_policies_and_cli(tmp_path):
     assert len(_lines(tmp_path / "c" / "selected_data.jsonl")) == 20
     # CLI batch: pool dir from the score manifest, output into <dir>/selection, skipped when complete
     write_manifest(router, stage="score", config={"ingest_dir": str(pool)})
-    argv = ["--batch", str(tmp_path), "k=2", "plots=false", "baselines=[]", "score=gate"]
-    assert select_main(argv) == 0
+    argv = ["select", "--batch", str(tmp_path), "k=2", "plots=false", "baselines=[]", "score=gate"]
+    assert main(argv) == 0
     assert len(_lines(router / "selection" / "selected_data.jsonl")) == 4
     mtime = (router / "selection" / "_manifest.json").stat().st_mtime_ns
-    assert select_main(argv) == 0
+    assert main(argv) == 0
     assert (router / "selection" / "_manifest.json").stat().st_mtime_ns == mtime
     # no pool dir anywhere -> clear error
     (router / "_manifest.json").unlink()
-    assert select_main([str(router), "k=2", "score=gate"]) == 2
+    assert main(["select", str(router), "k=2", "score=gate"]) == 2
 
 
 def test_missing_ids_error(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import selectmoe  # noqa: F401
+import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
 from selectmoe.model import (
     SelectMoeConfig,
     apply_trainable,

@@ -17,7 +17,6 @@ n_rejected`` always holds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -477,40 +476,40 @@ def iter_ingested_records(
 
 
 # --------------------------------------------------------------------------- CLI
-def validate_main(argv: Sequence[str] | None = None) -> int:
+def validate_main(
+    files: Sequence[str],
+    out: str | Path,
+    *,
+    strict: bool = False,
+    fmt: str = "auto",
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> int:
     """``selectmoe validate FILE... --out DIR [--strict] [--format F] [--max-chars N]``.
 
     Validates without writing shards: DIR/rejected.jsonl and DIR/flagged.jsonl, counts per reason on
-    stdout. Exit 0 (bad rows quarantined), 2 with ``--strict`` at the first bad row (``file:line: reason``
+    stdout. Exit 0 (bad rows quarantined), 2 with ``strict`` at the first bad row (``file:line: reason``
     on stderr), 1 when an input does not exist.
     """
-    parser = argparse.ArgumentParser(prog="selectmoe validate", description=validate_main.__doc__)
-    parser.add_argument("files", nargs="+", help="pool files, directories, globs or URIs")
-    parser.add_argument("--out", required=True, help="directory for rejected.jsonl / flagged.jsonl")
-    parser.add_argument("--strict", action="store_true", help="fail at the first bad row")
-    parser.add_argument("--format", default="auto", choices=("auto", "messages", "sharegpt", "alpaca"))
-    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS)
-    args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        sources = expand_inputs(args.files, strict=args.strict)
+        sources = expand_inputs(list(files), strict=strict)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sink = _Sink(out / REJECTED_NAME, out / FLAGGED_NAME, args.strict)
+    sink = _Sink(out / REJECTED_NAME, out / FLAGGED_NAME, strict)
     n_valid = 0
     try:
         for _ in _validate_stream(
             sources,
-            fmt=args.format,
-            max_chars=args.max_chars,
+            fmt=fmt,
+            max_chars=max_chars,
             on_reject=sink.reject,
             on_flag=sink.flag,
-            strict=args.strict,
+            strict=strict,
             progress=None,
         ):
             n_valid += 1

@@ -660,7 +660,7 @@ def run_score(
 def _shape_from_model_dir(model_dir: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
-    import selectmoe  # noqa: F401  (registers the Select-MoE Auto classes)
+    import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
 
     path = Path(model_dir)
     meta = path / "selector.json"

@@ -19,7 +19,6 @@ Same inputs + seed ⇒ byte-identical jsonl / selection.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -299,47 +298,40 @@ def _batch_dirs(root: Path) -> list[Path]:
     return found
 
 
-def select_main(argv: Sequence[str] | None = None) -> int:
+def select_main(
+    router_dir: str | None = None,
+    *,
+    batch: str | None = None,
+    pool_dir: str | None = None,
+    out: str | None = None,
+    overrides: Sequence[str] = (),
+) -> int:
     """``selectmoe select ROUTER_DIR [--pool-dir DIR] [--out DIR] [key=value ...]`` or
     ``selectmoe select --batch ROOT [key=value ...]`` (every score output under ROOT -> ``<dir>/selection``,
-    skipping complete ones)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    rest = [a for a in argv if a not in overrides]
-    parser = argparse.ArgumentParser(prog="selectmoe select", description=select_main.__doc__)
-    parser.add_argument("router_dir", nargs="?", help="router-data dir (score output)")
-    parser.add_argument("--pool-dir", help="ingested pool dir (default: from ROUTER_DIR/_manifest.json)")
-    parser.add_argument("--out", help="output dir (default: ROUTER_DIR/selection)")
-    parser.add_argument("--batch", metavar="ROOT", help="select for every score output under ROOT")
-    args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if bool(args.batch) == bool(args.router_dir):
-        parser.error("give exactly one of ROUTER_DIR or --batch ROOT")
-    if args.router_dir:
-        try:
-            cfg = build_config(args.router_dir, pool_dir=args.pool_dir, out=args.out, overrides=overrides)
-        except ValueError as exc:
-            print(f"selectmoe select: {exc}", file=sys.stderr)
-            return 2
+    skipping complete ones). ``overrides`` are SelectConfig keys (``k=3``)."""
+    if (router_dir is None) == (batch is None):
+        raise ValueError("give exactly one of router_dir or batch")
+    if router_dir is not None:
+        cfg = build_config(router_dir, pool_dir=pool_dir, out=out, overrides=overrides)
         print(json.dumps(run_select(cfg).summary(), indent=2))
         return 0
     rows, failed = [], 0
-    dirs = _batch_dirs(Path(args.batch))
+    dirs = _batch_dirs(Path(batch))
     if not dirs:
         print(
-            f"selectmoe select: no score outputs (shards/ + _manifest.json) under {args.batch}",
+            f"selectmoe select: no score outputs (shards/ + _manifest.json) under {batch}",
             file=sys.stderr,
         )
         return 1
     for d in dirs:
-        out = d / "selection"
-        done = read_manifest(out)
+        dest = d / "selection"
+        done = read_manifest(dest)
         if done and done.get("complete"):
             c = done.get("counts") or {}
             rows.append([str(d), "skipped (complete)", c.get("pool"), c.get("selected"), c.get("chosen_k")])
             continue
         try:
-            cfg = build_config(str(d), pool_dir=args.pool_dir, out=str(out), overrides=overrides)
+            cfg = build_config(str(d), pool_dir=pool_dir, out=str(dest), overrides=overrides)
             s = run_select(cfg).summary()
             rows.append([str(d), "done", s["n_pool"], s["n_selected"], s["chosen_k"]])
         except Exception as exc:  # keep going: one bad dir must not stop the batch
