@@ -285,9 +285,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     if on_gpu and spec.bf16 and not fsdp:
         model.to(torch.bfloat16)  # frozen weights in bf16 (FSDP: fp32 shards, bf16 compute by its policy)
         keep_fp32_modules(model)  # quality gates and routers stay fp32 (the model's _keep_in_fp32_modules)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    _trainable_to_fp32(model)
     if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -443,6 +441,15 @@ def collate_rows(table, indices: np.ndarray, pad_token_id: int, device=None) -> 
     ]
     tensors = pad_batch(items, pad_token_id)
     return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def _trainable_to_fp32(model: torch.nn.Module) -> None:
+    """Trainable tensors in fp32. A function, not an inline loop: a loop variable left in ``_train``'s frame
+    keeps the last original parameter alive after FSDP replaced it, and with it the whole memory-mapped
+    ``model.safetensors`` that sharding read (+300 MB resident per worker on the 112M benchmark)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
