@@ -9,6 +9,7 @@ not depend on the schedule; the labels of the chosen k are the sweep's own (no r
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,12 +123,16 @@ def sweep_k(
     num_actors: int = 2,
     num_gpus_per_actor: float = 0.25,
     use_ray: bool = True,
+    progress: bool | None = None,
 ) -> SweepResult:
     """Fit every k in ``ks``; returns per-k inertia, silhouette and int32 labels (sorted by k).
 
     Actors request ``num_gpus=num_gpus_per_actor`` (device ``cuda``) when the connected Ray cluster
     has GPUs, else ``num_cpus=1``. ``use_ray=False`` runs the same tasks in-process (tests, tiny pools).
+    ``progress``: a bar of fitted k on stderr (``None``: on a terminal only).
     """
+    from tqdm.auto import tqdm
+
     from selectmoe.cluster.registry import get_clusterer
 
     clusterer = clusterer or get_clusterer("spherical_kmeans")
@@ -136,9 +141,25 @@ def sweep_k(
     X = np.ascontiguousarray(X, dtype=np.float32)
     t0 = time.perf_counter()
     fits: dict[int, KFit] = {}
+    bar = tqdm(
+        total=len(ks),
+        desc="k sweep",
+        unit=" k",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+    )
+
+    def record(fit: KFit) -> None:
+        fits[fit.k] = fit
+        logger.info(
+            "k=%d inertia=%.4f silhouette=%.4f (%.2fs)", fit.k, fit.inertia, fit.silhouette, fit.seconds
+        )
+        bar.set_postfix(k=fit.k, silhouette=f"{fit.silhouette:.3f}", refresh=False)
+        bar.update()
+
     if not use_ray:
         for k in ks:
-            fits[k] = fit_k(X, k, clusterer, **params)
+            record(fit_k(X, k, clusterer, **params))
     else:
         import ray
 
@@ -161,20 +182,17 @@ def sweep_k(
                 running[actor.fit.remote(x_ref, k, params)] = (actor, k)
         try:
             while running:
-                done, _ = ray.wait(list(running), num_returns=1)
-                ref = done[0]
-                actor, k = running.pop(ref)
-                fit = ray.get(ref)
-                fits[k] = fit
-                logger.info(
-                    "k=%d inertia=%.4f silhouette=%.4f (%.2fs)", k, fit.inertia, fit.silhouette, fit.seconds
-                )
+                ready, _ = ray.wait(list(running), num_returns=1)
+                ref = ready[0]
+                actor, _ = running.pop(ref)
+                record(ray.get(ref))
                 if pending:
                     nk = pending.pop(0)
                     running[actor.fit.remote(x_ref, nk, params)] = (actor, nk)
         finally:
             for actor in actors:
                 ray.kill(actor)
+    bar.close()
     order = sorted(fits)
     return SweepResult(
         ks=order,

@@ -164,19 +164,21 @@ def fit(
     max_failures: int = 1,
     callbacks: list | None = None,
     metrics_dir: str | Path | None = None,
+    progress: bool | None = None,
 ) -> LoopResult:
     """Run the loop on a ``TorchTrainer``; returns the final checkpoint and metrics.
 
     ``storage_path`` is a local path or URI; on a multi-node cluster it must be shared storage (a URI or
     an NFS path) or Ray Train cannot gather checkpoints. Rerunning with the same ``name`` and
     ``storage_path`` lets Ray Train restore the run's latest checkpoint (a local path is made absolute).
-    ``metrics_dir``: also write every log step's metrics to ``metrics_dir/METRICS_LOG``.
+    ``metrics_dir``: also write every log step's metrics to ``metrics_dir/METRICS_LOG``, and show a steps/s
+    bar on the driver's stderr from it (``progress=None``: on a terminal only).
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
+    _, _, n_total = total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
     if spec.fail_once is None and os.environ.get(FAIL_ONCE_ENV):
         spec = _replace(spec, fail_once=os.environ[FAIL_ONCE_ENV])
     cpus = (resources_per_worker or {}).get("CPU", 1)
@@ -215,7 +217,13 @@ def fit(
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    if metrics_dir is None:
+        result = trainer.fit()
+    else:
+        from selectmoe.training.progress import MetricsProgress
+
+        with MetricsProgress(Path(metrics_dir) / METRICS_LOG, n_total, name, enabled=progress):
+            result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     metrics = dict(result.metrics or {})
