@@ -18,6 +18,7 @@ CLUSTER = ROOT / "cluster_configs"
 LAUNCHER = {"aws": CLUSTER / "aws-gpu.yaml", "gcp": CLUSTER / "gcp-gpu.yaml"}
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+EVAL_DATA_KEYS = ("evaluate.mmlu_data", "evaluate.bbh_data", "evaluate.tydiqa_data")
 PRESETS = {p.stem for p in (ROOT / "selectmoe" / "configs").glob("*.yaml")}
 WORLD = {"0.0.0.0/0", "::/0"}
 
@@ -177,8 +178,8 @@ def test_rayjob_runs_the_pipeline_entrypoint_with_a_shipped_preset():
     overrides = dict(a.split("=", 1) for a in argv[argv.index("--config") + 2 :])
     for key in ("output_dir", "warmup.storage_path", "finetune.storage_path"):
         assert re.match(r"(s3|gs)://", overrides[key]), key
-    # olmoe_less marks these mandatory (???): the job must set them.
-    for key in ("convert.source", "data.pool", "finetune.base_model"):
+    # olmoe_less marks these mandatory (???), and its evaluations read local data: the job must set them.
+    for key in ("convert.source", "data.pool", "finetune.base_model", *EVAL_DATA_KEYS):
         assert key in overrides, key
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["working_dir"]
