@@ -56,3 +56,62 @@ def test_stage_key_follows_config_and_upstream_manifests(tmp_path):
 def test_unknown_config_names_the_presets(bad, capsys):
     assert main(["config", bad]) == 2
     assert "presets:" in capsys.readouterr().err
+
+
+def test_stage_table_is_the_contract():
+    """Every stage is ``selectmoe/stages/<name>.py: run_<name>(cfg) -> <Name>Result``, in pipeline order."""
+    import importlib
+    import inspect
+
+    from selectmoe.stages.contract import STAGE_TABLE
+
+    assert [s.name for s in STAGE_TABLE] == planned_stages(load_config("demo"))
+    for stage in STAGE_TABLE:
+        module, func = stage.runner.split(":")
+        assert (module, func) == (f"selectmoe.stages.{stage.name}", f"run_{stage.name}")
+        ret = inspect.signature(getattr(importlib.import_module(module), func)).return_annotation
+        assert ret.endswith("Result"), (stage.name, ret)
+    assert {s.name for s in STAGE_TABLE if s.needs_ray} == {
+        "warmup",
+        "score",
+        "select",
+        "finetune",
+        "evaluate",
+    }
+
+
+def test_a_stage_without_its_inputs_fails_before_ray_and_creates_nothing(tmp_path, capsys):
+    import ray
+
+    from selectmoe.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    cfg = load_config("demo", [f"output_dir={run}"])
+    want = (
+        f"score: needs the warmup model at {run}/warmup/model (run: selectmoe run CONFIG --only warmup); "
+        f"score: needs the ingested pool at {run}/ingest/shards (run: selectmoe run CONFIG --only ingest)"
+    )
+    ray_was_up = ray.is_initialized()  # False when this file runs alone
+    with pytest.raises(FileNotFoundError) as err:
+        run_pipeline(cfg, only=["score"], echo=lambda line: None)
+    assert str(err.value) == want
+    assert main(["run", "demo", f"output_dir={run}", "--only", "score"]) == 2
+    assert capsys.readouterr().err == f"selectmoe: error: {want}\n"
+    assert ray.is_initialized() == ray_was_up and not run.exists()
+    # --from finetune: the selection is missing (the demo stage that makes the base model is not planned)
+    with pytest.raises(FileNotFoundError, match=r"^finetune: needs the base model at .*demo_assets/tiny_target "
+                       r"\(set finetune.base_model\); finetune: needs the selection at .*selected_data.jsonl "
+                       r"\(run: selectmoe run CONFIG --only select\)$"):  # fmt: skip
+        run_pipeline(cfg, start="finetune", echo=lambda line: None)
+    assert not run.exists()
+
+
+def test_inputs_made_by_an_earlier_planned_stage_pass_the_check(tmp_path):
+    from selectmoe.pipeline import check_planned_inputs, stages_to_run
+
+    cfg = load_config("demo", [f"output_dir={tmp_path}"])
+    stages = planned_stages(cfg)
+    check_planned_inputs(cfg, stages, stages_to_run(cfg, stages))  # the demo makes pool and models
+    (tmp_path / "ingest" / "shards").mkdir(parents=True)  # ingested; nothing converted
+    with pytest.raises(FileNotFoundError, match=r"^warmup: needs the converted model at .*--only convert\)$"):
+        check_planned_inputs(cfg, ["warmup"], {"warmup"})

@@ -66,8 +66,8 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     """The probe's per-sample score is exactly the scoring stage's ``quality`` (same encoder + scope)."""
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
     from selectmoe.model import load_selector
-    from selectmoe.scoring.probe import ProbeEval, probe, score_messages
     from selectmoe.scoring.model import score_batch
+    from selectmoe.scoring.probe import ProbeEval, probe, score_messages
 
     model, tok, _ = load_selector(selector_dir / "model")
     with torch.no_grad():  # make the gates differ per token so the score is not constant
