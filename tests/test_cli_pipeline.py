@@ -98,11 +98,16 @@ def test_a_stage_without_its_inputs_fails_before_ray_and_creates_nothing(tmp_pat
     assert main(["run", "demo", f"output_dir={run}", "--only", "score"]) == 2
     assert capsys.readouterr().err == f"selectmoe: error: {want}\n"
     assert ray.is_initialized() == ray_was_up and not run.exists()
-    # --from finetune: the selection is missing (the demo stage that makes the base model is not planned)
-    with pytest.raises(FileNotFoundError, match=r"^finetune: needs the base model at .*demo_assets/tiny_target "
-                       r"\(set finetune.base_model\); finetune: needs the selection at .*selected_data.jsonl "
-                       r"\(run: selectmoe run CONFIG --only select\)$"):  # fmt: skip
+    # --from finetune: the selections are missing, and the base model (the demo stage is not planned)
+    with pytest.raises(FileNotFoundError) as err:
         run_pipeline(cfg, start="finetune", echo=lambda line: None)
+    assert str(err.value).split("; ") == [
+        f"finetune: needs the base model at {run}/demo_assets/tiny_target (set finetune.base_model)",
+        *(
+            f"finetune: needs the selection at {run}/selection/{name} (run: selectmoe run CONFIG --only select)"
+            for name in ("selected_data.jsonl", "selected_random.jsonl")
+        ),
+    ]
     assert not run.exists()
 
 
