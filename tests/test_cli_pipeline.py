@@ -120,3 +120,22 @@ def test_inputs_made_by_an_earlier_planned_stage_pass_the_check(tmp_path):
     (tmp_path / "ingest" / "shards").mkdir(parents=True)  # ingested; nothing converted
     with pytest.raises(FileNotFoundError, match=r"^warmup: needs the converted model at .*--only convert\)$"):
         check_planned_inputs(cfg, ["warmup"], {"warmup"})
+
+
+def test_ingest_names_a_missing_pool_file(tmp_path):
+    from selectmoe.config import DataConfig
+    from selectmoe.stages.ingest import run_ingest
+
+    (tmp_path / "a.jsonl").write_text("")
+    pool = [
+        f"{tmp_path}/a.jsonl#dataset=a",
+        f"{tmp_path}/b.jsonl",
+        "s3://bucket/c.jsonl",
+        f"{tmp_path}/*.json",
+    ]
+    with pytest.raises(FileNotFoundError) as err:
+        run_ingest(DataConfig(pool=pool, ingest_dir=str(tmp_path / "ingest")))
+    assert str(err.value) == f"ingest: needs the pool file at {tmp_path}/b.jsonl (set data.pool)"
+    with pytest.raises(ValueError, match=r"^data\.pool is empty"):
+        run_ingest(DataConfig(pool=[], ingest_dir=str(tmp_path / "ingest")))
+    assert not (tmp_path / "ingest").exists()

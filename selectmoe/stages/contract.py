@@ -72,8 +72,9 @@ def _ingested(key: str, path: str) -> Input:
 def _pool_inputs(c: Any) -> list[Input]:
     if not c.pool:
         raise ValueError("data.pool is empty: give the pool files, e.g. data.pool=[path/to/pool.jsonl]")
-    local = [p for p in c.pool if "://" not in str(p) and not any(ch in str(p) for ch in "*?[")]
-    return [Input("data.pool", str(p), "the pool file") for p in local]
+    paths = [str(p).split("#dataset=", 1)[0] for p in c.pool]  # ``path#dataset=NAME`` names a dataset
+    local = [p for p in paths if "://" not in p and not any(ch in p for ch in "*?[")]  # URIs, globs: ingest
+    return [Input("data.pool", p, "the pool file") for p in local]
 
 
 def _finetune_inputs(c: Any) -> list[Input]:
