@@ -32,12 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selectmoe.config import ScoreConfig
-from selectmoe.stages.score import (
-    RouterScorer,
-    build_score_dataset,
-    read_encoding_spec,
-    run_score,
-)
+from selectmoe.scoring.dataset import build_score_dataset, read_encoding_spec, replica_resources
+from selectmoe.scoring.scorer import RouterScorer
+from selectmoe.stages.score import run_score
 
 WORDS = [
     "the",
@@ -147,12 +144,13 @@ def _sync():
 
 
 def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu: bool) -> ScoreConfig:
-    """The one score config both modes benchmark: one replica, fp32 on CPU, bf16 on GPU."""
+    """The one score config both modes benchmark (one replica, fp32 on CPU, bf16 on GPU), over ``pool``
+    ingested into ``work/ingest``."""
+    from selectmoe.data.ingest import ensure_ingested
+
+    ensure_ingested(pool, work / "ingest")
     return ScoreConfig(
         model_dir=str(model_dir),
-        pool=pool,
-        data_format="auto",
-        strict=False,
         ingest_dir=str(work / "ingest"),
         output_dir=str(work / "router"),
         batch_size=args.batch_size,
@@ -165,9 +163,8 @@ def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu:
 
 
 def tokenised_batches(cfg: ScoreConfig, use_gpu: bool):
-    from selectmoe.data.ingest import ensure_ingested, list_shards
+    from selectmoe.data.ingest import list_shards
 
-    ensure_ingested(list(cfg.pool), cfg.ingest_dir, fmt=cfg.data_format, strict=cfg.strict)
     ds = build_score_dataset(
         cfg,
         [Path(p) for p in list_shards(cfg.ingest_dir)],
@@ -228,9 +225,7 @@ def cpu_mode(args) -> dict:
     start_ray(args.num_cpus)
     cfg = score_config(model_dir, pool, work, args, use_gpu=False)
     batches = tokenised_batches(cfg, use_gpu=False)
-    from selectmoe.stages.score import _resources
-
-    threads = _resources(cfg, False)[2] or 1
+    threads = replica_resources(cfg, False)[2] or 1
     scorer = RouterScorer(str(model_dir), dtype="float32", use_gpu=False, num_threads=threads)
     bare_s, tokens = bare_loop(scorer, batches)
     bare_rate = tokens / bare_s

@@ -113,7 +113,9 @@ def run_tune(cfg: PipelineConfig) -> TuneResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from selectmoe.manifest import write_manifest
+    from selectmoe.stages.contract import check_inputs
 
+    check_inputs("warmup", cfg.warmup)  # every trial is a warmup: fail once, here, not in each trial
     t0 = time.perf_counter()
     tc = cfg.tune
     out = Path(tc.output_dir)

@@ -123,8 +123,8 @@ def test_missing_adapter_is_a_clear_error(assets, tmp_path):
     cfg = EvalConfig(
         base_model=str(base), adapters_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "e")
     )
-    with pytest.raises(AdapterError, match="nowhere does not exist"):
-        run_evaluate(cfg)
+    with pytest.raises(FileNotFoundError, match=r"^evaluate: needs the finetuned adapters at .*nowhere "):
+        run_evaluate(cfg)  # the stage's declared-input check, before any model is loaded
     with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
         check_adapter(tmp_path / "ft" / "broken", str(base))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selectmoe.probe import build_probe_set, mann_whitney_auc
+from selectmoe.scoring.probe import build_probe_set, mann_whitney_auc
 
 
 def _brute_auc(pos, neg):
@@ -66,8 +66,8 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     """The probe's per-sample score is exactly the scoring stage's ``quality`` (same encoder + scope)."""
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
     from selectmoe.model import load_selector
-    from selectmoe.probe import ProbeEval, probe, score_messages
-    from selectmoe.stages.score import score_batch
+    from selectmoe.scoring.model import score_batch
+    from selectmoe.scoring.probe import ProbeEval, probe, score_messages
 
     model, tok, _ = load_selector(selector_dir / "model")
     with torch.no_grad():  # make the gates differ per token so the score is not constant
@@ -90,7 +90,7 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     # every scorer next to the gate, from the same pass: AUC == sklearn's on the scores themselves
     from sklearn.metrics import roc_auc_score
 
-    from selectmoe.probe import score_messages_all
+    from selectmoe.scoring.probe import score_messages_all
 
     cols = score_messages_all(model, enc, [it["messages"] for it in items])
     clean = np.array([it["kind"] == "clean" for it in items])

@@ -1,4 +1,4 @@
-"""Ray Data over ingested shards: EncodeBatch == ChatEncoder, order preserved, columns kept."""
+"""Ray Data over ingested shards: encode_rows == ChatEncoder, order preserved, columns kept."""
 
 from __future__ import annotations
 
@@ -73,17 +73,16 @@ def test_encode_batch_direct(setup):
 
 
 def test_read_and_encode_on_ray(ray_local, setup):
-    from selectmoe.data.ray_io import EncodeBatch, read_ingested
+    from selectmoe.data.ray_io import encode_rows, read_ingested
 
     root, tok = setup
     ingest = root / "ingest"
     assert len(list_shards(ingest)) == 4  # 2 files x 2 chunks
     ds = read_ingested(ingest).map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"tokenizer_dir": str(root / "tok"), "spec": SPEC.to_dict()},
+        encode_rows,
+        fn_kwargs={"tokenizer_dir": str(root / "tok"), "spec": SPEC.to_dict()},
         batch_format="pyarrow",
         batch_size=8,
-        concurrency=1,
     )
     rows = ds.take_all()
     records = list(iter_ingested_records(ingest))

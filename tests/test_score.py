@@ -84,6 +84,9 @@ def artefact(tmp_path_factory):
         encoding=EncodingSpec(max_length=MAX_LENGTH).to_dict(),
         tokenizer=tokenizer,
     )
+    from selectmoe.data.ingest import ingest_pool
+
+    ingest_pool(files, root / "ingest")  # the ingest stage; score reads its shards and never ingests
     return {"root": root, "pool": files, "model_dir": str(selector), "n_valid": 9 + 7 + 5}
 
 
@@ -91,9 +94,6 @@ def _cfg(artefact, name: str, **kw) -> ScoreConfig:
     root = artefact["root"]
     return ScoreConfig(
         model_dir=artefact["model_dir"],
-        pool=artefact["pool"],
-        data_format="auto",
-        strict=False,
         ingest_dir=str(root / "ingest"),
         output_dir=str(root / name),
         batch_size=4,
@@ -117,10 +117,26 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((out / "shards").glob("*"))}
 
 
+def test_score_without_ingest_fails_in_one_line_before_ray(artefact, tmp_path):
+    import ray
+
+    from selectmoe.stages.score import run_score
+
+    cfg = _cfg(artefact, "unused")
+    cfg.ingest_dir, cfg.output_dir = str(tmp_path / "ingest"), str(tmp_path / "router")
+    ray_was_up = ray.is_initialized()  # False when this file runs alone
+    with pytest.raises(FileNotFoundError) as err:
+        run_score(cfg)
+    assert str(err.value) == (
+        f"score: needs the ingested pool at {tmp_path}/ingest/shards (run: selectmoe run CONFIG --only ingest)"
+    )
+    assert ray.is_initialized() == ray_was_up and not (tmp_path / "router").exists()
+
+
 def test_score_batch_same_alone_and_padded(artefact):
     """The scoring function gives a sample the same scores alone and inside a right-padded batch."""
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec
-    from selectmoe.stages.score import RouterScorer
+    from selectmoe.scoring.scorer import RouterScorer
 
     scorer = RouterScorer(artefact["model_dir"], dtype="float32", use_gpu=False)
     from transformers import AutoTokenizer
@@ -156,7 +172,7 @@ def test_score_batch_same_alone_and_padded(artefact):
 
     # and score_batch itself (fp32, before the fp16 storage cast) on the encoder's own padding
     from selectmoe.data.encoding import pad_batch
-    from selectmoe.stages.score import score_batch
+    from selectmoe.scoring.model import score_batch
 
     padded = pad_batch(encs, scorer.pad_id)
     full = score_batch(
@@ -259,7 +275,8 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
 
 def _encoded_window(artefact, records, *, ifd: bool) -> pa.Table:
     """The score stage's own CPU stage (encoder + response labels + buckets) over ``records``."""
-    from selectmoe.stages.score import encode_and_bucket, read_encoding_spec, tokenizer_dir
+    from selectmoe.model.artifact import selector_tokenizer_dir
+    from selectmoe.scoring.dataset import encode_and_bucket, read_encoding_spec
 
     table = pa.table(
         {
@@ -269,10 +286,13 @@ def _encoded_window(artefact, records, *, ifd: bool) -> pa.Table:
             "_shard": ["s"] * len(records),
         }
     )
-    spec = json.dumps(read_encoding_spec(artefact["model_dir"]), sort_keys=True)
     blocks = list(
         encode_and_bucket(
-            table, tokenizer_dir=tokenizer_dir(artefact["model_dir"]), spec_json=spec, batch_size=64, ifd=ifd
+            table,
+            tokenizer_dir=str(selector_tokenizer_dir(artefact["model_dir"])),
+            spec=read_encoding_spec(artefact["model_dir"]),
+            batch_size=64,
+            ifd=ifd,
         )
     )
     return pa.concat_tables(blocks)
@@ -308,7 +328,7 @@ def test_response_and_sample_nll_equal_a_direct_hf_forward(artefact):
     """Stored response NLL == HF's own causal-LM loss with labels on the assistant tokens only (and the
     sample NLL == the loss with every token labelled); IFD == L(A|Q) / HF loss of the answer alone."""
 
-    from selectmoe.stages.score import RouterScorer
+    from selectmoe.scoring.scorer import RouterScorer
 
     rng = np.random.default_rng(3)
     records = [_record(i, rng, "n") for i in range(6)]

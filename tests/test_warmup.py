@@ -16,6 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def assets(tmp_path_factory):
     """A small demo pool + a briefly pre-trained tiny OLMoE converted to Select-MoE."""
     from selectmoe.config import DemoConfig
+    from selectmoe.data.ingest import ingest_pool
     from selectmoe.demo import prepare_demo_assets
     from selectmoe.model import convert_olmoe
 
@@ -36,6 +37,7 @@ def assets(tmp_path_factory):
     # model's probe has no signal (AUC ~0.5: scores tie up to float rounding of the token mean) and any
     # signal above it is learned by the warmup.
     convert_olmoe(demo.olmoe_dir, root / "converted", gate_init_std=0.0)
+    ingest_pool([demo.pool_dir], root / "ingest")  # the ingest stage: warmup reads its shards
     print(f"assets built in {time.perf_counter() - t0:.1f}s: {demo.summary()}")
     return {"root": root, "pool": demo.pool_dir, "model": str(root / "converted")}
 
@@ -49,9 +51,6 @@ def _cfg(assets, out: Path, **kw):
 
     base = dict(
         model_dir=assets["model"],
-        pool=[assets["pool"]],
-        data_format="auto",
-        strict=False,
         ingest_dir=str(assets["root"] / "ingest"),
         output_dir=str(out),
         storage_path=str(out / "ray_results"),
@@ -71,6 +70,29 @@ def _cfg(assets, out: Path, **kw):
     )
     base.update(kw)
     return WarmupConfig(**base)
+
+
+def test_warmup_without_its_inputs_fails_in_one_line(tmp_path):
+    """Nothing converted or ingested: one line naming both inputs and the stages that make them, before
+    Ray starts and before the output directory exists."""
+    import ray
+
+    from selectmoe.config import WarmupConfig
+    from selectmoe.stages.warmup import run_warmup
+
+    cfg = WarmupConfig(
+        model_dir=str(tmp_path / "converted"),
+        ingest_dir=str(tmp_path / "ingest"),
+        output_dir=str(tmp_path / "w"),
+    )
+    ray_was_up = ray.is_initialized()  # False when this file runs alone
+    with pytest.raises(FileNotFoundError) as err:
+        run_warmup(cfg)
+    assert str(err.value) == (
+        f"warmup: needs the converted model at {tmp_path}/converted (run: selectmoe run CONFIG --only convert); "
+        f"warmup: needs the ingested pool at {tmp_path}/ingest/shards (run: selectmoe run CONFIG --only ingest)"
+    )
+    assert ray.is_initialized() == ray_was_up and not (tmp_path / "w").exists()
 
 
 def _check_artefact(model_dir: str, base_dir: str, mode: str):

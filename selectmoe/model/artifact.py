@@ -102,6 +102,39 @@ def _load_select_moe(model_dir: Path, overrides: dict[str, Any]):
     return SelectMoeForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
 
 
+def read_selector_meta(path) -> dict[str, Any] | None:
+    """``selector.json`` of an artefact with ``base_model_dir`` made absolute; ``None`` for a plain model dir.
+
+    The one reader of the file: the driver gets the encoding, tokenizer and base model without loading
+    weights."""
+    root = Path(path)
+    selector_json = root / SELECTOR_JSON
+    if not selector_json.is_file():
+        return None
+    meta = json.loads(selector_json.read_text())
+    base = Path(meta["base_model_dir"])
+    meta["base_model_dir"] = str(base if base.is_absolute() else (root / base).resolve())
+    return meta
+
+
+def selector_model_dir(path) -> Path:
+    """The directory holding the model's ``config.json``: the base of an artefact, else ``path`` itself."""
+    meta = read_selector_meta(path)
+    return Path(meta["base_model_dir"]) if meta is not None else Path(path)
+
+
+def selector_tokenizer_dir(path) -> Path:
+    """Where :func:`load_selector` takes the tokenizer from: the artefact when it holds one, else its base."""
+    root = Path(path)
+    return root if _has_tokenizer(root) else selector_model_dir(root)
+
+
+def selector_encoding(path) -> dict[str, Any]:
+    """The EncodingSpec dict the selector was trained with (``{}`` for a plain converted dir)."""
+    meta = read_selector_meta(path)
+    return dict((meta or {}).get("encoding") or {})
+
+
 def load_selector(path, *, dtype=None, device=None):
     """Load a selector artefact (or a plain converted Select-MoE dir) → ``(model, tokenizer, encoding)``.
 
@@ -117,12 +150,9 @@ def load_selector(path, *, dtype=None, device=None):
     from selectmoe.model.trainable import import_trainable
 
     root = Path(path)
-    selector_json = root / SELECTOR_JSON
-    if selector_json.is_file():
-        meta = json.loads(selector_json.read_text())
+    meta = read_selector_meta(root)
+    if meta is not None:
         base = Path(meta["base_model_dir"])
-        if not base.is_absolute():
-            base = (root / base).resolve()
         model = _load_select_moe(base, meta.get("model_config_overrides") or {})
         tensor_file = root / TRAINABLE_FILE
         if tensor_file.is_file():
@@ -152,4 +182,13 @@ def load_selector(path, *, dtype=None, device=None):
     return model, tokenizer, encoding
 
 
-__all__ = ["SELECTOR_JSON", "TRAINABLE_FILE", "load_selector", "save_selector"]
+__all__ = [
+    "SELECTOR_JSON",
+    "TRAINABLE_FILE",
+    "load_selector",
+    "read_selector_meta",
+    "save_selector",
+    "selector_encoding",
+    "selector_model_dir",
+    "selector_tokenizer_dir",
+]

@@ -44,6 +44,7 @@ from typing import Any
 from selectmoe.config import EvalConfig
 from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
 from selectmoe.manifest import write_manifest
+from selectmoe.stages.contract import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +339,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     t0 = time.perf_counter()
     if not cfg.tasks:
         raise ValueError("evaluate.tasks is empty")
+    check_inputs("evaluate", cfg)
     runs = discover_runs(cfg)
     for adapter in runs.values():
         if adapter is not None:

@@ -3,7 +3,7 @@
 For every ``name -> file`` in ``FinetuneConfig.train_files`` (selection JSONL lines ``{dataset, id, scores,
 cluster, messages}``):
 
-1. Ray Data ``read_json(file)`` -> ``map_batches(EncodeBatch)`` with the training chat template and
+1. Ray Data ``read_json(file)`` -> ``map_batches(encode_rows)`` (THE encoder) with the training chat template and
    ``label_mode`` (LESS: ``assistant_only``) at ``max_length``, materialised once (so the epochs do not
    re-encode) and counted (rows, tokens, label tokens, truncated rows).
 2. :func:`selectmoe.training.loop.fit` on a ``TorchTrainer``: any HF causal LM + peft LoRA (``lora_r``,
@@ -40,6 +40,7 @@ import torch
 
 from selectmoe.config import FinetuneConfig
 from selectmoe.manifest import write_manifest
+from selectmoe.stages.contract import check_inputs
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
 from selectmoe.training.loop import METRICS_LOG
 
@@ -207,7 +208,7 @@ def build_dataset(cfg: FinetuneConfig, path: str, tokenizer_dir: str):
     import ray.data
 
     from selectmoe.data.encoding import EncodingSpec
-    from selectmoe.data.ray_io import EncodeBatch
+    from selectmoe.data.ray_io import encode_rows
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"selection file {path} does not exist (run the select stage first)")
@@ -218,13 +219,16 @@ def build_dataset(cfg: FinetuneConfig, path: str, tokenizer_dir: str):
     if "messages" not in keep:
         raise ValueError(f"{path}: selection rows need a 'messages' field")
     ds = ds.select_columns(keep).map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "spec": spec},
+        encode_rows,
+        fn_kwargs={
+            "tokenizer_dir": tokenizer_dir,
+            "spec": spec,
+            "columns": ["input_ids", "labels", "n_tokens", "truncated"],
+        },
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=256,
     )
-    ds = ds.select_columns(["input_ids", "labels", "n_tokens", "truncated"]).materialize()
+    ds = ds.materialize()
     counts = {"rows": 0, "tokens": 0, "label_tokens": 0, "truncated": 0}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
         counts["rows"] += batch.num_rows
@@ -383,9 +387,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     t0 = time.perf_counter()
     if not cfg.train_files:
         raise ValueError("finetune.train_files is empty: nothing to fine-tune")
-    missing = {n: p for n, p in cfg.train_files.items() if not Path(p).is_file()}
-    if missing:
-        raise FileNotFoundError(f"selection file(s) missing for finetune run(s): {missing}")
+    check_inputs("finetune", cfg)
     grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, cfg.num_workers)  # fail before any run starts
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     runs = {

@@ -40,6 +40,7 @@ from selectmoe.router_data import load_router_data
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy
 from selectmoe.selection.scorers import SCORERS, available_scorers, scorer_values
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
+from selectmoe.stages.contract import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def _nan_none(v: float) -> float | None:
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
+    check_inputs("select", cfg)
     t0 = time.perf_counter()
     seed = int(cfg.seed)
     out = Path(cfg.output_dir)

@@ -1,9 +1,10 @@
 """Stage 1 -- warmup: train the Select-MoE quality gates (+ routers) on Ray Train, probe them, save a selector.
 
-Data: the validated pool (``ensure_ingested``); ``probe_samples`` rows are held out (seeded) for the
+Data: the ingested pool in ``ingest_dir`` (the ingest stage writes it; this stage never ingests);
+``probe_samples`` rows are held out (seeded) for the
 quality probe and never trained on; ``subset_ratio`` keeps a seeded fraction of the rest (a per-id hash of
 ``seed``, so the driver knows the exact row count without encoding). Ray Data reads the shards and runs
-THE encoder (:class:`EncodeBatch`) with the hold-out/subset filter fused in; the encoded dataset is
+THE encoder (:func:`selectmoe.data.ray_io.encode_rows`) with the hold-out/subset filter fused in; the encoded dataset is
 materialised once before training (every worker reads all of it: the loop shuffles globally per epoch).
 The Ray Train run name is the run's identity (:mod:`selectmoe.training.identity`): a changed setting,
 model, pool or training code starts a fresh run, an unchanged one resumes or returns the finished run.
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from selectmoe.config import WarmupConfig
+from selectmoe.stages.contract import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -168,36 +170,6 @@ class TrainRowFilter:
         return self.subset_ratio >= _SENTINEL_FULL or _unit(self.seed, rid) < self.subset_ratio
 
 
-_ENCODERS: dict[tuple[str, str], Any] = {}
-
-
-def encode_train_rows(batch, *, tokenizer_dir: str, spec: Mapping[str, Any], row_filter: TrainRowFilter):
-    """``map_batches`` function (a task, so Ray Data fuses it with the Parquet read: one CPU per task, no
-    actor to reserve): the hold-out/subset filter + THE encoder (``EncodeBatch``, cached per process).
-    Returns only ``input_ids``/``labels``/``n_tokens``."""
-    import json
-
-    import pyarrow as pa
-
-    from selectmoe.data.ray_io import EncodeBatch
-
-    key = (str(tokenizer_dir), json.dumps(dict(spec), sort_keys=True))
-    if key not in _ENCODERS:
-        _ENCODERS[key] = EncodeBatch(tokenizer_dir, dict(spec))
-    ids = batch.column("id").to_pylist()
-    keep = pa.array([row_filter.keep(str(i)) for i in ids], type=pa.bool_())
-    table = batch.filter(keep)
-    if table.num_rows == 0:
-        return pa.table(
-            {
-                "input_ids": pa.array([], type=pa.list_(pa.int32())),
-                "labels": pa.array([], type=pa.list_(pa.int32())),
-                "n_tokens": pa.array([], type=pa.int32()),
-            }
-        )
-    return _ENCODERS[key](table).select(["input_ids", "labels", "n_tokens"])
-
-
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -245,27 +217,26 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     from transformers import AutoTokenizer
 
     from selectmoe.data.encoding import EncodingSpec
-    from selectmoe.data.ingest import ensure_ingested, iter_ingested_records
-    from selectmoe.data.ray_io import read_ingested
+    from selectmoe.data.ingest import iter_ingested_records, list_shards
+    from selectmoe.data.ray_io import encode_rows, read_ingested
     from selectmoe.manifest import write_manifest
     from selectmoe.model import export_trainable, save_selector
-    from selectmoe.probe import ProbeEval
     from selectmoe.ray_utils import resolve_use_gpu
+    from selectmoe.scoring.probe import ProbeEval
     from selectmoe.training.identity import run_name as training_run_name
     from selectmoe.training.identity import training_settings
     from selectmoe.training.loop import LoopSpec, fit
 
     t0 = time.perf_counter()
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_inputs("warmup", cfg)
     if cfg.lora_dropout:
         raise ValueError(
             "warmup.lora_dropout must be 0: router LoRA is a weight parametrization (no dropout)"
         )
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.seed)
-    pool = list(cfg.pool) if not isinstance(cfg.pool, str) else [cfg.pool]
-    ingest = ensure_ingested(pool, cfg.ingest_dir, fmt=cfg.data_format, strict=bool(cfg.strict))
-    shards = [str(s) for s in ingest.shards]
+    shards = [str(s) for s in list_shards(cfg.ingest_dir)]
     ids = _read_ids(shards)
     held, row_filter, n_train = split_rows(
         ids, probe_samples=cfg.probe_samples, subset_ratio=cfg.subset_ratio, seed=seed
@@ -286,11 +257,12 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     ds = (
         read_ingested(cfg.ingest_dir, shards=shards)
         .map_batches(
-            encode_train_rows,
+            encode_rows,
             fn_kwargs={
                 "tokenizer_dir": str(cfg.model_dir),
                 "spec": spec_enc.to_dict(),
-                "row_filter": row_filter,
+                "columns": ["input_ids", "labels", "n_tokens"],
+                "keep": row_filter.keep,
             },
             batch_format="pyarrow",
             batch_size=256,
@@ -414,7 +386,6 @@ __all__ = [
     "GateMetrics",
     "SelectorModelFactory",
     "WarmupResult",
-    "encode_train_rows",
     "export_params",
     "import_params",
     "quality_config_overrides",

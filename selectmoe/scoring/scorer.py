@@ -1,0 +1,128 @@
+"""The score stage's model replica: :class:`RouterScorer` applies THE scoring function to pyarrow batches.
+
+Test hook: ``SELECTMOE_SCORE_CRASH_ONCE=<marker>`` (read on the driver, passed as ``crash_once_marker``)
+makes a replica hard-exit (``os._exit``, like a killed actor) on its first batch if ``<marker>`` does not
+exist yet (it is created first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from selectmoe.scoring.model import IGNORE_INDEX, answer_only_nll, pad_lists, resolve_dtype, score_batch
+
+logger = logging.getLogger(__name__)
+
+CRASH_ONCE_ENV = "SELECTMOE_SCORE_CRASH_ONCE"
+SHARD_COLUMN = "_shard"  # each row's ingest shard, carried through the pipeline to the driver's writers
+
+
+class RouterScorer:
+    """``map_batches`` callable class: one model replica (an actor) scoring pyarrow batches."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "auto",
+        use_gpu: bool = False,
+        num_threads: int | None = None,
+        crash_once_marker: str | None = None,
+    ):
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.dtype = resolve_dtype(dtype, use_gpu)
+        self.crash_once_marker = crash_once_marker
+        self.model, tokenizer = self._load(model_dir)
+        self.model.eval()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.scope = getattr(self.model.config, "quality_token_scope", "all")
+        self.num_layers, self.num_experts = model_shape(self.model.config)
+
+    def _load(self, model_dir: str):
+        from selectmoe.model import load_selector
+
+        model, tokenizer, _ = load_selector(model_dir, dtype=self.dtype, device=self.device)
+        return model, tokenizer
+
+    def _padded(self, batch: pa.Table, ids_col: str, labels_col: str):
+        """Right-padded ``(input_ids, attention_mask, labels)`` tensors of two list columns, on the device."""
+        import torch
+
+        input_ids = torch.from_numpy(pad_lists(batch.column(ids_col), self.pad_id))
+        labels = torch.from_numpy(pad_lists(batch.column(labels_col), IGNORE_INDEX))
+        lengths = np.diff(batch.column(ids_col).combine_chunks().offsets.to_numpy())
+        attention_mask = torch.from_numpy(
+            (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        )
+        nb = self.device.type == "cuda"
+        return tuple(t.to(self.device, non_blocking=nb) for t in (input_ids, attention_mask, labels))
+
+    def tensors(self, batch: pa.Table):
+        return self._padded(batch, "input_ids", "labels")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.crash_once_marker and not os.path.exists(self.crash_once_marker):
+            Path(self.crash_once_marker).touch()
+            logger.warning("test hook: scorer replica exits hard (simulated kill)")
+            os._exit(1)
+        input_ids, attention_mask, labels = self.tensors(batch)
+        response = None
+        if "response_labels" in batch.column_names:
+            response = self._padded(batch, "input_ids", "response_labels")[2]
+        stats = score_batch(
+            self.model, input_ids, attention_mask, labels, scope=self.scope, response_labels=response
+        )
+        n = batch.num_rows
+        ifd = np.full(n, np.nan, np.float32)
+        if "answer_input_ids" in batch.column_names:
+            # IFD = L(A|Q) / L(A): > 1 means the question does not help predict the answer (misaligned).
+            ifd = stats["response_nll"] / answer_only_nll(
+                self.model, *self._padded(batch, "answer_input_ids", "answer_labels")
+            )
+        return pa.table(
+            {
+                "id": batch.column("id"),
+                "dataset": batch.column("dataset"),
+                "n_tokens": pc.cast(batch.column("n_tokens"), pa.int32()),
+                "truncated": batch.column("truncated"),
+                SHARD_COLUMN: batch.column(SHARD_COLUMN),
+                "quality": pa.array(stats["quality"].astype(np.float32)),
+                "response_nll": pa.array(stats["response_nll"].astype(np.float32)),
+                "sample_nll": pa.array(stats["sample_nll"].astype(np.float32)),
+                "ifd": pa.array(ifd.astype(np.float32)),
+                "quality_layers": pa.FixedSizeListArray.from_arrays(
+                    pa.array(stats["quality_layers"].astype(np.float32).reshape(-1)), self.num_layers
+                ),
+                "routing": pa.FixedSizeListArray.from_arrays(
+                    pa.array(stats["routing"].reshape(n, -1).astype(np.float16).reshape(-1), pa.float16()),
+                    self.num_layers * self.num_experts,
+                ),
+            }
+        )
+
+
+def model_shape(config) -> tuple[int, int]:
+    layers = int(config.num_hidden_layers)
+    experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+    return layers, experts
+
+
+def model_shape_of(model_dir: str) -> tuple[int, int]:
+    """``(layers, experts)`` of a selector artefact or model dir, from its config only (no weights)."""
+    from transformers import AutoConfig
+
+    import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
+    from selectmoe.model.artifact import selector_model_dir
+
+    return model_shape(AutoConfig.from_pretrained(selector_model_dir(model_dir)))
