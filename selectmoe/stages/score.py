@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectmoe.config import ScoreConfig
+from selectmoe.data.encoding import IGNORE_INDEX, pad_columns
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.router_data import SHARD_DIR, RouterDataWriter
 
@@ -70,7 +71,6 @@ DONE_SUFFIX = ".done.json"
 SHARD_COLUMN = "_shard"
 CRASH_ONCE_ENV = "SELECTMOE_SCORE_CRASH_ONCE"
 STOP_AFTER_ENV = "SELECTMOE_SCORE_STOP_AFTER_SHARDS"
-IGNORE_INDEX = -100
 _PASS_COLUMNS = (
     "id", "dataset", "n_tokens", "truncated", "input_ids", "labels", "response_labels",
     "answer_input_ids", "answer_labels", SHARD_COLUMN,
@@ -115,19 +115,6 @@ def resolve_dtype(name: str, use_gpu: bool):
     if name in ("float32", "fp32"):
         return torch.float32
     raise ValueError(f"score.dtype must be auto | bfloat16 | float32, got {name!r}")
-
-
-def pad_lists(values: pa.Array | pa.ChunkedArray, pad_value: int) -> np.ndarray:
-    """Right-pad an Arrow ``list<int>`` column into an int64 ``[B, T]`` matrix (vectorised, no Python loop)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    offsets = values.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    width = int(lengths.max()) if len(lengths) else 0
-    out = np.full((len(lengths), width), pad_value, dtype=np.int64)
-    out[np.arange(width)[None, :] < lengths[:, None]] = flat  # row-major fill == concatenation order
-    return out
 
 
 def mean_token_nll(logits, targets) -> np.ndarray:
@@ -237,16 +224,11 @@ class RouterScorer:
 
     def _padded(self, batch: pa.Table, ids_col: str, labels_col: str):
         """Right-padded ``(input_ids, attention_mask, labels)`` tensors of two list columns, on the device."""
-        import torch
-
-        input_ids = torch.from_numpy(pad_lists(batch.column(ids_col), self.pad_id))
-        labels = torch.from_numpy(pad_lists(batch.column(labels_col), IGNORE_INDEX))
-        lengths = np.diff(batch.column(ids_col).combine_chunks().offsets.to_numpy())
-        attention_mask = torch.from_numpy(
-            (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        )
+        tensors = pad_columns(batch.column(ids_col), batch.column(labels_col), self.pad_id)
         nb = self.device.type == "cuda"
-        return tuple(t.to(self.device, non_blocking=nb) for t in (input_ids, attention_mask, labels))
+        return tuple(
+            tensors[k].to(self.device, non_blocking=nb) for k in ("input_ids", "attention_mask", "labels")
+        )
 
     def tensors(self, batch: pa.Table):
         return self._padded(batch, "input_ids", "labels")
