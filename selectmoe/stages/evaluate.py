@@ -43,7 +43,7 @@ from typing import Any
 
 from selectmoe.config import EvalConfig
 from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
-from selectmoe.manifest import write_manifest
+from selectmoe.manifest import jsonable, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +211,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _jsonable(results: Mapping[str, Any]) -> dict[str, Any]:
-    from lm_eval.utils import handle_non_serializable
-
-    return json.loads(json.dumps(results, default=handle_non_serializable))
-
-
 def _merge(total: dict[str, Any], part: Mapping[str, Any]) -> None:
     for key, value in part.items():
         if isinstance(value, Mapping) and isinstance(total.get(key), dict):
@@ -271,7 +265,7 @@ def evaluate_model(
         )
         if out is None:  # non-zero rank under accelerate; never the case here
             continue
-        _merge(merged, _jsonable(out))
+        _merge(merged, json.loads(json.dumps(jsonable(out), default=str)))
     merged["selectmoe"] = {"model_args": model_args, "device": device, "num_fewshot": dict(num_fewshot)}
     return merged
 

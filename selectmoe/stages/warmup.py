@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,19 +226,6 @@ def split_rows(
     return held, row_filter, n_train
 
 
-def _plain(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return asdict(obj)
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
 def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | None = None) -> WarmupResult:
     """Run the warmup stage (see module docstring). ``callbacks``: Ray Train ``UserCallback`` s (Tune uses one
     to forward reports); ``name``: the Ray Train run name's prefix (the rest is the run's identity hash)."""
@@ -393,7 +380,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     write_manifest(
         out_dir,
         stage="warmup",
-        config=_plain(cfg),
+        config=cfg,
         inputs=[cfg.model_dir, *shards],
         counts={
             "rows": n_train,

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from selectmoe.data.encoding import IGNORE_INDEX, pad_columns
+from selectmoe.manifest import jsonable
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -777,21 +778,11 @@ class _Checkpointer:
             "batch_size": self.spec.batch_size,
             "micro_batch_size": self.spec.micro_batch_size,
             "param_names": self.names,
-            "optimizer_param_groups": _jsonable(groups),
-            "scheduler": _jsonable(self.scheduler.state_dict()),
-            "carry": _jsonable(carry),
+            "optimizer_param_groups": jsonable(groups),
+            "scheduler": jsonable(self.scheduler.state_dict()),
+            "carry": jsonable(carry),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items() if not callable(v)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    return obj
 
 
 def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, Any] | None:
