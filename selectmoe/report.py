@@ -21,6 +21,7 @@ import numpy as np
 
 from selectmoe.config import STAGES, PipelineConfig
 from selectmoe.manifest import read_manifest
+from selectmoe.markdown import markdown_table
 
 
 @dataclass
@@ -33,8 +34,7 @@ class Report:
         self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
 
     def table(self, heading: str, header: list[str], rows: list[list[Any]]) -> None:
-        md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-        md += "".join("| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
+        md = markdown_table(header, rows, _fmt)
         th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
         self.sections.append((heading, md, f"<table><tr>{th}</tr>{trs}</table>"))

@@ -44,6 +44,7 @@ from typing import Any
 from selectmoe.config import EvalConfig
 from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
 from selectmoe.manifest import jsonable, write_manifest
+from selectmoe.markdown import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -300,19 +301,19 @@ def comparison_rows(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> li
 def comparison_markdown(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     rows = comparison_rows(runs)
     cols = sorted({k for r in rows for k in r if k != "run"})
-    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cells = []
     for row, (run, tasks) in zip(rows, runs.items(), strict=True):
-        cells = []
+        line = [run]
         for col in cols:
             if col not in row:
-                cells.append("")
+                line.append("")
                 continue
             task, metric = col.split("/", 1)
             name, _, filt = metric.partition(",")
             stderr = tasks[task].get(f"{name}_stderr" + (f",{filt}" if filt else ""))
-            cells.append(f"{row[col]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            line.append(f"{row[col]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+        cells.append(line)
+    return markdown_table(["run", *cols], cells)
 
 
 # ------------------------------------------------------------------------------------------- stage
