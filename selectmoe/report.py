@@ -22,6 +22,7 @@ import numpy as np
 from selectmoe.config import STAGES, PipelineConfig
 from selectmoe.manifest import read_manifest
 from selectmoe.markdown import markdown_table
+from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure, pyplot
 
 
 @dataclass
@@ -42,9 +43,7 @@ class Report:
     def figure(self, heading: str, name: str, fig) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        pyplot().close(fig)
         png = buf.getvalue()
         self.figures[name] = png
         b64 = base64.b64encode(png).decode()
@@ -76,15 +75,6 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # --- router-data analysis -----------------------------------------------------------------------
 
 
@@ -92,7 +82,7 @@ def add_router_sections(report: Report, router_dir: Path) -> None:
     from selectmoe.router_data import load_router_data
 
     data = load_router_data(router_dir)
-    plt = _plt()
+    plt = pyplot()
     datasets = sorted(set(data.datasets))
     ds_index = np.array([datasets.index(d) for d in data.datasets])
     report.table(
@@ -222,33 +212,15 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
     if not path.is_file():
         return
     sel = json.loads(path.read_text())
-    plt = _plt()
     curves = sel.get("k_curves") or sel.get("curves") or {}
     ks = curves.get("k") or []
     if ks:
-        fig, ax1 = plt.subplots(figsize=(7, 3.2))
-        ax1.plot(ks, curves.get("inertia", []), "o-", color="#4477aa", label="inertia")
-        ax1.set_xlabel("k")
-        ax1.set_ylabel("inertia Σ(1−cos)")
-        if curves.get("silhouette"):
-            ax2 = ax1.twinx()
-            ax2.plot(ks, curves["silhouette"], "s-", color="#ee6677", label="silhouette")
-            ax2.set_ylabel("silhouette")
-        chosen = sel.get("chosen_k") or sel.get("k")
-        if chosen:
-            ax1.axvline(chosen, color="k", ls="--", lw=1)
-        report.figure(f"k sweep (chosen k = {chosen}, rule {sel.get('k_choice', '')})", "k_sweep.png", fig)
+        chosen, rule = sel.get("chosen_k") or sel.get("k"), sel.get("k_choice", "")
+        fig = k_sweep_figure(ks, curves.get("inertia", []), curves.get("silhouette") or [], chosen, rule)
+        report.figure(f"k sweep (chosen k = {chosen}, rule {rule})", "k_sweep.png", fig)
     clusters = sel.get("clusters") or {}
-    sizes, means = clusters.get("sizes"), clusters.get("mean_quality")
-    if sizes:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.bar(range(len(sizes)), sizes, color="#66ccee")
-        ax.set_xlabel("cluster")
-        ax.set_ylabel("samples")
-        if means:
-            ax2 = ax.twinx()
-            ax2.plot(range(len(means)), means, "k.", label="mean quality")
-            ax2.set_ylabel("mean quality")
+    if clusters.get("sizes"):
+        fig = cluster_sizes_figure(clusters["sizes"], clusters.get("mean_quality") or [])
         report.figure("Cluster sizes and mean quality", "clusters.png", fig)
     counts = sel.get("counts") or {}
     if counts:
