@@ -361,7 +361,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             "before": {k[: -len("_before")]: v for k, v in metrics.items() if k.endswith("_before")},
             "after": {k: v for k, v in metrics.items() if k.startswith("probe_") and not k.endswith("_before")},
             "n_clean": len(probe_records),
-            "auc_kind": "unpaired Mann-Whitney, all clean vs all corrupted twins",
+            "auc_kind": "ROC AUC (sklearn), all clean vs all corrupted twins (unpaired)",
         }  # fmt: skip
     wall = time.perf_counter() - t0
     res = WarmupResult(
