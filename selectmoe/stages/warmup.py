@@ -52,6 +52,7 @@ class WarmupResult:
     probe: dict[str, Any] = field(default_factory=dict)  # {"probe_auc", "per_corruption", "before", "after"}
     metrics: dict[str, Any] = field(default_factory=dict)  # last reported metrics (rank 0)
     wall_s: float = 0.0
+    truncation: dict[str, Any] = field(default_factory=dict)  # per dataset (data.truncation)
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -174,7 +175,7 @@ _ENCODERS: dict[tuple[str, str], Any] = {}
 def encode_train_rows(batch, *, tokenizer_dir: str, spec: Mapping[str, Any], row_filter: TrainRowFilter):
     """``map_batches`` function (a task, so Ray Data fuses it with the Parquet read: one CPU per task, no
     actor to reserve): the hold-out/subset filter + THE encoder (``EncodeBatch``, cached per process).
-    Returns only ``input_ids``/``labels``/``n_tokens``."""
+    Returns ``input_ids``/``labels``/``n_tokens`` and ``dataset``/``truncated`` (the truncation count)."""
     import json
 
     import pyarrow as pa
@@ -193,9 +194,11 @@ def encode_train_rows(batch, *, tokenizer_dir: str, spec: Mapping[str, Any], row
                 "input_ids": pa.array([], type=pa.list_(pa.int32())),
                 "labels": pa.array([], type=pa.list_(pa.int32())),
                 "n_tokens": pa.array([], type=pa.int32()),
+                "dataset": pa.array([], type=pa.string()),
+                "truncated": pa.array([], type=pa.bool_()),
             }
         )
-    return _ENCODERS[key](table).select(["input_ids", "labels", "n_tokens"])
+    return _ENCODERS[key](table).select(["input_ids", "labels", "n_tokens", "dataset", "truncated"])
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -229,11 +232,14 @@ def split_rows(
 def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | None = None) -> WarmupResult:
     """Run the warmup stage (see module docstring). ``callbacks``: Ray Train ``UserCallback`` s (Tune uses one
     to forward reports); ``name``: the Ray Train run name's prefix (the rest is the run's identity hash)."""
+    import pyarrow as pa
+    import ray
     from transformers import AutoTokenizer
 
     from selectmoe.data.encoding import EncodingSpec
     from selectmoe.data.ingest import ensure_ingested, iter_ingested_records
     from selectmoe.data.ray_io import read_ingested
+    from selectmoe.data.truncation import truncation_summary
     from selectmoe.manifest import write_manifest
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.probe import ProbeEval
@@ -283,6 +289,10 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             batch_size=256,
         )
         .materialize()  # encoded once: every worker reads all of it (the loop's global shuffle)
+    )
+    flags = ds.select_columns(["dataset", "truncated"]).to_arrow_refs()
+    truncation = truncation_summary(
+        "warmup", pa.concat_tables(ray.get(flags)), spec_enc.max_length, effect="the gates train on a prefix"
     )
 
     overrides = quality_config_overrides(cfg)
@@ -376,6 +386,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         probe=probe,
         metrics=metrics,
         wall_s=wall,
+        truncation=truncation,
     )
     write_manifest(
         out_dir,
@@ -388,10 +399,17 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             "probe_rows": len(probe_records),
             "steps": result.steps,
             "tokens": int(res.tokens),
+            "truncated": sum(d["truncated"] for d in truncation["datasets"].values()),
         },
         seed=seed,
         wall_s=wall,
-        extra={"probe": probe, "metrics": metrics, "checkpoint": result.checkpoint_path, "ray_run": run_name},
+        extra={
+            "probe": probe,
+            "metrics": metrics,
+            "checkpoint": result.checkpoint_path,
+            "ray_run": run_name,
+            "truncation": truncation,
+        },
     )
     logger.info("warmup done: %s", res.summary())
     return res
