@@ -30,6 +30,7 @@ class Report:
     title: str
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (heading, markdown, html)
     figures: dict[str, bytes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # shown under the title, above every section
 
     def text(self, heading: str, body_md: str) -> None:
         self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
@@ -55,8 +56,10 @@ class Report:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, png in self.figures.items():
             (out_dir / name).write_bytes(png)
-        md = f"# {self.title}\n\n" + "".join(f"## {h}\n\n{m}\n\n" for h, m, _ in self.sections)
-        body = "".join(f"<h2>{html.escape(h)}</h2>{x}" for h, _, x in self.sections)
+        md = f"# {self.title}\n\n" + "".join(f"> **Warning:** {w}\n\n" for w in self.warnings)
+        md += "".join(f"## {h}\n\n{m}\n\n" for h, m, _ in self.sections)
+        body = "".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in self.warnings)
+        body += "".join(f"<h2>{html.escape(h)}</h2>{x}" for h, _, x in self.sections)
         page = (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
@@ -143,6 +146,9 @@ def build_router_report(router_dir: Path, out_dir: Path) -> dict[str, str]:
 def build_run_report(cfg: PipelineConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir) / "report"
     report = Report(f"selectmoe run: {cfg.output_dir}")
+    for directory in (cfg.warmup.output_dir, cfg.score.output_dir):  # truncated datasets (data.truncation)
+        extra = (read_manifest(directory) or {}).get("extra") or {}
+        report.warnings += (extra.get("truncation") or {}).get("warnings", [])
     _answer(report, cfg)
     _timings(report, cfg)
     _counts(report, cfg)

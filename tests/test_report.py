@@ -91,8 +91,19 @@ def test_report_leads_with_the_answer(tmp_path):
     }
     (warmup / "_manifest.json").write_text(json.dumps({"stage": "warmup", "extra": {"probe": probe}}))
     cfg.warmup.output_dir = str(warmup)
+    truncated = (
+        "score: 97.7% of sharegpt rows (2931/3000) truncated at 256 tokens; their scores describe a prefix"
+    )
+    (router / "_manifest.json").write_text(
+        json.dumps({"stage": "score", "extra": {"truncation": {"warnings": [truncated]}}})
+    )
     build_run_report(cfg)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert md.split("\n\n")[1] == f"> **Warning:** {truncated}"  # right under the title
+    assert (
+        f"<p><b>Warning:</b> {truncated}</p><h2>What the selection achieved"
+        in (tmp_path / "run" / "report" / "report.html").read_text()
+    )
     first = md.split("\n## ")[1]
     assert first.startswith("What the selection achieved")
     assert (
