@@ -205,7 +205,9 @@ def pad_columns(input_ids: Any, labels: Any, pad_token_id: int | None) -> dict[s
     id_lens, lab_lens = np.diff(ids.offsets.to_numpy()), np.diff(lab.offsets.to_numpy())
     if len(id_lens) != len(lab_lens):
         raise ValueError(f"{len(id_lens)} input_ids rows but {len(lab_lens)} labels rows")
-    for i in np.flatnonzero(id_lens != lab_lens)[:1]:
+    bad = np.flatnonzero(id_lens != lab_lens)
+    if bad.size:
+        i = int(bad[0])
         raise ValueError(f"item {i}: {id_lens[i]} input_ids but {lab_lens[i]} labels")
     padded = torch.from_numpy(pad_lists(ids, int(pad_token_id)))
     attention = torch.from_numpy((np.arange(padded.shape[1])[None, :] < id_lens[:, None]).astype(np.int64))
