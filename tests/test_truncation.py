@@ -28,7 +28,9 @@ def test_a_long_dataset_gets_one_warning_the_short_one_none(caplog):
     encoded = encoder.encode_many([c for _, c in pool])
     table = pa.table({"dataset": [d for d, _ in pool], "truncated": [e.truncated for e in encoded]})
     with caplog.at_level(logging.WARNING, logger="selectmoe.data.truncation"):
-        got = truncation_summary("score", table, 64, effect="their scores describe a prefix")
+        got = truncation_summary(
+            "score", [table.slice(0, 50), table.slice(50)], 64, effect="their scores describe a prefix"
+        )
     assert got["datasets"] == {
         "alpaca": {"rows": 50, "truncated": 1, "share": 0.02},
         "sharegpt": {"rows": 40, "truncated": 39, "share": 0.975},
@@ -36,3 +38,8 @@ def test_a_long_dataset_gets_one_warning_the_short_one_none(caplog):
     line = "score: 97.5% of sharegpt rows (39/40) truncated at 64 tokens; their scores describe a prefix"
     assert got["warnings"] == [line] and got["max_length"] == 64
     assert [r.getMessage() for r in caplog.records] == [line]
+    assert truncation_summary("score", [], 64, effect="x") == {
+        "max_length": 64,
+        "datasets": {},
+        "warnings": [],
+    }

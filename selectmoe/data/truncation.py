@@ -10,6 +10,7 @@ The encoder keeps the first ``max_length`` tokens and flags the row ``truncated`
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -20,20 +21,23 @@ logger = logging.getLogger(__name__)
 WARN_SHARE = 0.05
 
 
-def truncation_summary(stage: str, table: pa.Table, max_length: int, *, effect: str) -> dict[str, Any]:
-    """``{"max_length", "datasets": {name: {"rows", "truncated", "share"}}, "warnings": [...]}`` of a
-    table with ``dataset`` and ``truncated`` columns; logs each warning. ``effect``: what a truncated row
-    means for this stage (e.g. "their scores describe a prefix")."""
-    grouped = (
-        table.select(["dataset", "truncated"])
-        .group_by("dataset")
-        .aggregate([("truncated", "count"), ("truncated", "sum")])
-    )
+def truncation_summary(
+    stage: str, tables: Sequence[pa.Table], max_length: int, *, effect: str
+) -> dict[str, Any]:
+    """``{"max_length", "datasets": {name: {"rows", "truncated", "share"}}, "warnings": [...]}`` of tables
+    with ``dataset`` and ``truncated`` columns (a stage's shards or blocks; none = no datasets); logs each
+    warning. ``effect``: what a truncated row means for this stage (e.g. "their scores describe a prefix")."""
+    grouped = {"dataset": [], "truncated_count": [], "truncated_sum": []}
+    if tables:
+        flags = pa.concat_tables([t.select(["dataset", "truncated"]) for t in tables])
+        grouped = (
+            flags.group_by("dataset").aggregate([("truncated", "count"), ("truncated", "sum")]).to_pydict()
+        )
     datasets = {}
     for name, rows, cut in zip(
-        grouped["dataset"].to_pylist(),
-        grouped["truncated_count"].to_pylist(),
-        grouped["truncated_sum"].to_pylist(),
+        grouped["dataset"],
+        grouped["truncated_count"],
+        grouped["truncated_sum"],
         strict=True,
     ):
         datasets[name] = {"rows": int(rows), "truncated": int(cut or 0), "share": round((cut or 0) / rows, 4)}

@@ -603,9 +603,7 @@ def run_score(
     pipe_s = time.perf_counter() - t_pipe
 
     total_rows = sum(inputs[n]["rows"] for n in names)
-    flags = pa.concat_tables(
-        [pq.read_table(_out_path(out_dir, n), columns=["dataset", "truncated"]) for n in sorted(names)]
-    )
+    flags = [pq.read_table(_out_path(out_dir, n), columns=["dataset", "truncated"]) for n in sorted(names)]
     truncation = truncation_summary(
         "score", flags, int(encoding["max_length"]), effect="their scores describe a prefix"
     )

@@ -232,7 +232,6 @@ def split_rows(
 def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | None = None) -> WarmupResult:
     """Run the warmup stage (see module docstring). ``callbacks``: Ray Train ``UserCallback`` s (Tune uses one
     to forward reports); ``name``: the Ray Train run name's prefix (the rest is the run's identity hash)."""
-    import pyarrow as pa
     import ray
     from transformers import AutoTokenizer
 
@@ -292,7 +291,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     )
     flags = ds.select_columns(["dataset", "truncated"]).to_arrow_refs()
     truncation = truncation_summary(
-        "warmup", pa.concat_tables(ray.get(flags)), spec_enc.max_length, effect="the gates train on a prefix"
+        "warmup", ray.get(flags), spec_enc.max_length, effect="the gates train on a prefix"
     )
 
     overrides = quality_config_overrides(cfg)
