@@ -7,7 +7,7 @@ Default mode: the same selection (``--rows`` chat rows, encoded by the same ``Ch
 batch arithmetic (``--batch-size`` global, ``--micro-batch-size``, one worker) on both sides.
 
 - *plain*: in this process, a peft LoRA model from the same :class:`LoraModelFactory`, the loop's own
-  ``collate``, AdamW + linear schedule, loss normalised per global batch like the loop;
+  ``pad_columns``, AdamW + linear schedule, loss normalised per global batch like the loop;
   ``torch.set_num_threads(--threads)`` (default 1, which is what Ray gives a 1-CPU train worker).
 - *ray*: :func:`selectmoe.stages.finetune.run_finetune` end to end (Ray Data read + encode, TorchTrainer
   start, epoch, checkpoints, adapter save). Two figures: *steady* = the loop's own ``tokens_per_s``
@@ -89,8 +89,8 @@ def _plain_epoch(cfg, factory, encoded, pad_id: int, threads: int) -> dict:
     """One epoch of a plain peft loop over ``encoded`` with the same batch arithmetic as the Ray loop."""
     from transformers import get_scheduler
 
+    from selectmoe.data.encoding import pad_columns
     from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
-    from selectmoe.training.loop import collate
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -110,11 +110,7 @@ def _plain_epoch(cfg, factory, encoded, pad_id: int, threads: int) -> dict:
         for i in range(ga):
             lo = (step * ga + i) * cfg.micro_batch_size
             chunk = encoded[lo : lo + cfg.micro_batch_size]
-            group.append(
-                collate(
-                    {"input_ids": [e.input_ids for e in chunk], "labels": [e.labels for e in chunk]}, pad_id
-                )
-            )
+            group.append(pad_columns([e.input_ids for e in chunk], [e.labels for e in chunk], pad_id))
         n_items = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in group)
         step_loss = 0.0
         for mb in group:

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from selectmoe.config import load_config
+from selectmoe.markdown import markdown_table
 from selectmoe.report import demo_figures
 from selectmoe.selection.scorers import available_scorers
 from selectmoe.stages.select import run_select
@@ -42,10 +43,8 @@ def main() -> None:
     scorers = args.scorers or available_scorers(load_router_data(cfg.score.output_dir))
     kinds = sorted({c for v in run["scorers"].values() for c in v if c != "overall"})
     print(f"pool: {run['pool']['n']} rows, known-bad share {run['pool']['bad_share']:.3f}; k = {k}\n")
-    print("| scorer | AUC overall | " + " | ".join(kinds) + " |")
-    print("|---|---|" + "---|" * len(kinds))
-    for name, v in run["scorers"].items():
-        print(f"| {name} | {v['overall']:.3f} | " + " | ".join(f"{v[c]:.3f}" for c in kinds) + " |")
+    aucs = [[name, *(f"{v[c]:.3f}" for c in ("overall", *kinds))] for name, v in run["scorers"].items()]
+    print(markdown_table(["scorer", "AUC overall", *kinds], aucs))
     rows = []
     with tempfile.TemporaryDirectory(prefix="selq-") as tmp:
         for score in scorers:
@@ -62,13 +61,13 @@ def main() -> None:
                     rows.append(
                         {"score": score, "policy": policy, "floor": floor, **s, "random": r["bad_share"]}
                     )
-    print("\n| score | policy | floor | bad share | x pool | random | clusters covered | entropy_norm |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['score']} | {r['policy']} | {r['floor'] or ''} | {r['bad_share']:.3f} | {r['vs_pool']:.2f} | "
-            f"{r['random']:.3f} | {r['clusters_covered']}/{r['clusters']} | {r['entropy_norm']:.3f} |"
-        )
+    header = ["score", "policy", "floor", "bad share", "x pool", "random", "clusters covered", "entropy_norm"]
+    cells = [
+        [r["score"], r["policy"], r["floor"] or "", f"{r['bad_share']:.3f}", f"{r['vs_pool']:.2f}",
+         f"{r['random']:.3f}", f"{r['clusters_covered']}/{r['clusters']}", f"{r['entropy_norm']:.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    print(markdown_table(header, cells))
     if args.json:
         Path(args.json).write_text(json.dumps({"run": run, "k": k, "rows": rows}, indent=2) + "\n")
 

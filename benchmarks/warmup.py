@@ -57,10 +57,11 @@ def _make_model_dir(root: Path, hidden: int) -> tuple[str, int, int]:
 
 
 def bare_loop(factory, rows, *, spec, warmup_steps: int) -> dict:
-    """Single process, no Ray: same collate, counts, forward/backward, clip and optimizer as the loop."""
+    """Single process, no Ray: same padding, counts, forward/backward, clip and optimizer as the loop."""
     from transformers import get_scheduler
 
-    from selectmoe.training.loop import collate, forward_backward, global_counts
+    from selectmoe.data.encoding import pad_columns
+    from selectmoe.training.loop import forward_backward, global_counts
 
     model = factory()
     model.train()
@@ -77,8 +78,9 @@ def bare_loop(factory, rows, *, spec, warmup_steps: int) -> dict:
         group = []
         for i in range(ga):
             part = chunk[i * spec.micro_batch_size : (i + 1) * spec.micro_batch_size]
-            group.append(collate({k: np.array([r[k] for r in part], dtype=object) for k in ("input_ids", "labels")},
-                                 spec.pad_token_id))  # fmt: skip
+            group.append(
+                pad_columns([r["input_ids"] for r in part], [r["labels"] for r in part], spec.pad_token_id)
+            )
         counts = global_counts(group, spec.quality_token_scope)
         forward_backward(model, group, counts, count_kwargs=spec.count_kwargs, forward_kwargs=spec.forward_kwargs,
                          on_output=lambda out, mb: spec.metrics_fn(out, mb) if spec.metrics_fn else None)  # fmt: skip
@@ -98,13 +100,12 @@ def hf_trainer_loop(factory, rows, *, spec, warmup_steps: int, out_dir: str) -> 
     a callback stamps each optimizer step's end."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from selectmoe.training.loop import collate
+    from selectmoe.data.encoding import pad_columns
 
     tokens: list[int] = []
 
     def collator(items):
-        batch = collate({k: np.array([r[k] for r in items], dtype=object) for k in ("input_ids", "labels")},
-                        spec.pad_token_id)  # fmt: skip
+        batch = pad_columns([r["input_ids"] for r in items], [r["labels"] for r in items], spec.pad_token_id)
         tokens.append(int(batch["attention_mask"].sum()))
         return batch
 

@@ -26,30 +26,33 @@ _TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_ev
 _HASH_CHUNK = 1 << 20
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """THE JSON sanitiser (manifests, config hashes, run identities, checkpoint state, lm-eval results):
+    dataclasses, mappings, sequences, sets, paths, OmegaConf containers, numpy/torch values -> plain JSON
+    types; callables inside mappings (schedulers' lambdas, lm-eval's task hooks) are dropped. Anything else
+    is returned as is (``json.dumps(default=str)`` writes it)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return {str(k): jsonable(v) for k, v in obj.items() if not callable(v)}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in (sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj)]
     if isinstance(obj, Path):
         return str(obj)
-    try:  # OmegaConf containers
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+    if callable(getattr(obj, "numel", None)) and obj.numel() == 1:  # a one-element tensor: its value
         return obj.item()
+    if callable(getattr(obj, "tolist", None)):  # numpy scalars / arrays, torch tensors
+        return obj.tolist()
     return obj
 
 
 def config_hash(obj: Any) -> str:
     """A stable sha256 of a config (dataclass, mapping, OmegaConf) via canonical JSON."""
-    canonical = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -121,10 +124,10 @@ def write_manifest(
     manifest = {
         "stage": stage,
         "complete": True,
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "config_hash": config_hash(config),
         "inputs": _input_fingerprints(inputs),
-        "counts": _jsonable(dict(counts or {})),
+        "counts": jsonable(dict(counts or {})),
         "seed": seed,
         "wall_s": None if wall_s is None else round(float(wall_s), 3),
         "versions": package_versions(),
@@ -132,7 +135,7 @@ def write_manifest(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if extra:
-        manifest["extra"] = _jsonable(dict(extra))
+        manifest["extra"] = jsonable(dict(extra))
     tmp = directory / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(directory / MANIFEST_NAME)

@@ -21,6 +21,8 @@ import numpy as np
 
 from selectmoe.config import STAGES, PipelineConfig
 from selectmoe.manifest import read_manifest
+from selectmoe.markdown import markdown_table
+from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure, pyplot
 
 
 @dataclass
@@ -28,13 +30,13 @@ class Report:
     title: str
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (heading, markdown, html)
     figures: dict[str, bytes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # shown under the title, above every section
 
     def text(self, heading: str, body_md: str) -> None:
         self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
 
     def table(self, heading: str, header: list[str], rows: list[list[Any]]) -> None:
-        md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-        md += "".join("| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
+        md = markdown_table(header, rows, _fmt)
         th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
         self.sections.append((heading, md, f"<table><tr>{th}</tr>{trs}</table>"))
@@ -42,9 +44,7 @@ class Report:
     def figure(self, heading: str, name: str, fig) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        pyplot().close(fig)
         png = buf.getvalue()
         self.figures[name] = png
         b64 = base64.b64encode(png).decode()
@@ -56,8 +56,10 @@ class Report:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, png in self.figures.items():
             (out_dir / name).write_bytes(png)
-        md = f"# {self.title}\n\n" + "".join(f"## {h}\n\n{m}\n\n" for h, m, _ in self.sections)
-        body = "".join(f"<h2>{html.escape(h)}</h2>{x}" for h, _, x in self.sections)
+        md = f"# {self.title}\n\n" + "".join(f"> **Warning:** {w}\n\n" for w in self.warnings)
+        md += "".join(f"## {h}\n\n{m}\n\n" for h, m, _ in self.sections)
+        body = "".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in self.warnings)
+        body += "".join(f"<h2>{html.escape(h)}</h2>{x}" for h, _, x in self.sections)
         page = (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
@@ -76,15 +78,6 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # --- router-data analysis -----------------------------------------------------------------------
 
 
@@ -92,7 +85,7 @@ def add_router_sections(report: Report, router_dir: Path) -> None:
     from selectmoe.router_data import load_router_data
 
     data = load_router_data(router_dir)
-    plt = _plt()
+    plt = pyplot()
     datasets = sorted(set(data.datasets))
     ds_index = np.array([datasets.index(d) for d in data.datasets])
     report.table(
@@ -153,6 +146,9 @@ def build_router_report(router_dir: Path, out_dir: Path) -> dict[str, str]:
 def build_run_report(cfg: PipelineConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir) / "report"
     report = Report(f"selectmoe run: {cfg.output_dir}")
+    for directory in (cfg.warmup.output_dir, cfg.score.output_dir):  # truncated datasets (data.truncation)
+        extra = (read_manifest(directory) or {}).get("extra") or {}
+        report.warnings += (extra.get("truncation") or {}).get("warnings", [])
     _answer(report, cfg)
     _timings(report, cfg)
     _counts(report, cfg)
@@ -222,33 +218,15 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
     if not path.is_file():
         return
     sel = json.loads(path.read_text())
-    plt = _plt()
     curves = sel.get("k_curves") or sel.get("curves") or {}
     ks = curves.get("k") or []
     if ks:
-        fig, ax1 = plt.subplots(figsize=(7, 3.2))
-        ax1.plot(ks, curves.get("inertia", []), "o-", color="#4477aa", label="inertia")
-        ax1.set_xlabel("k")
-        ax1.set_ylabel("inertia Σ(1−cos)")
-        if curves.get("silhouette"):
-            ax2 = ax1.twinx()
-            ax2.plot(ks, curves["silhouette"], "s-", color="#ee6677", label="silhouette")
-            ax2.set_ylabel("silhouette")
-        chosen = sel.get("chosen_k") or sel.get("k")
-        if chosen:
-            ax1.axvline(chosen, color="k", ls="--", lw=1)
-        report.figure(f"k sweep (chosen k = {chosen}, rule {sel.get('k_choice', '')})", "k_sweep.png", fig)
+        chosen, rule = sel.get("chosen_k") or sel.get("k"), sel.get("k_choice", "")
+        fig = k_sweep_figure(ks, curves.get("inertia", []), curves.get("silhouette") or [], chosen, rule)
+        report.figure(f"k sweep (chosen k = {chosen}, rule {rule})", "k_sweep.png", fig)
     clusters = sel.get("clusters") or {}
-    sizes, means = clusters.get("sizes"), clusters.get("mean_quality")
-    if sizes:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.bar(range(len(sizes)), sizes, color="#66ccee")
-        ax.set_xlabel("cluster")
-        ax.set_ylabel("samples")
-        if means:
-            ax2 = ax.twinx()
-            ax2.plot(range(len(means)), means, "k.", label="mean quality")
-            ax2.set_ylabel("mean quality")
+    if clusters.get("sizes"):
+        fig = cluster_sizes_figure(clusters["sizes"], clusters.get("mean_quality") or [])
         report.figure("Cluster sizes and mean quality", "clusters.png", fig)
     counts = sel.get("counts") or {}
     if counts:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,26 +149,8 @@ def run_tune(cfg: PipelineConfig) -> TuneResult:
     )
     grid = tuner.fit()
 
-    rows = []
-    for res in grid:
-        metrics = res.metrics or {}
-        params = {k: (res.config or {}).get(k) for k in param_space}
-        trial_id = metrics.get("trial_id")
-        rows.append(
-            {
-                **{f"param.{k}": v for k, v in params.items()},
-                tc.metric: metrics.get(tc.metric),
-                "epoch": metrics.get("epoch"),
-                "step": metrics.get("step"),
-                "probe_auc_before": metrics.get("probe_auc_before"),
-                "lm_loss": metrics.get("lm_loss"),
-                "quality_loss": metrics.get("quality_loss"),
-                "status": "error" if res.error else "ok",
-                "trial_id": trial_id,
-                "trial_dir": str(out / "trials" / trial_id) if trial_id else None,
-            }
-        )
-    scored = [r for r in rows if isinstance(r[tc.metric], (int, float))]
+    rows = trial_rows(grid, list(param_space), tc.metric, out / "trials")
+    scored = [r for r in rows if isinstance(r[tc.metric], (int, float)) and not math.isnan(r[tc.metric])]
     best_row = None
     if scored:
         best_row = (max if tc.mode == "max" else min)(scored, key=lambda r: r[tc.metric])
@@ -206,18 +189,43 @@ def run_tune(cfg: PipelineConfig) -> TuneResult:
     return result
 
 
+TRIAL_METRICS = ("epoch", "step", "probe_auc_before", "lm_loss", "quality_loss")
+
+
+def trial_rows(grid, params: list[str], metric: str, trials_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial (``param.<key>``, the metric, :data:`TRIAL_METRICS`, status, trial id and dir)
+    from ``ResultGrid.get_dataframe()`` (each trial's last report). A trial that failed before its first
+    report has no dataframe row: it gets one from its result, status ``error``, metrics empty."""
+    df = grid.get_dataframe()
+    failed = {(res.metrics or {}).get("trial_id") for res in grid if res.error}
+    records = df.to_dict("records")
+    reported = {rec.get("trial_id") for rec in records}
+    records += [
+        {"trial_id": (res.metrics or {}).get("trial_id"), **{f"config/{k}": v for k, v in res.config.items()}}
+        for res in grid
+        if (res.metrics or {}).get("trial_id") not in reported
+    ]
+    rows = []
+    for rec in records:
+        trial_id = rec.get("trial_id")
+        rows.append(
+            {
+                **{f"param.{k}": rec.get(f"config/{k}") for k in params},
+                **{key: rec.get(key) for key in (metric, *TRIAL_METRICS)},
+                "status": "error" if trial_id in failed else "ok",
+                "trial_id": trial_id,
+                "trial_dir": str(trials_dir / trial_id) if trial_id else None,
+            }
+        )
+    return rows
+
+
 def _write_table(out: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
+    import pandas as pd
 
-    (out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k) for k in keys})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "results.csv", index=False)
+    (out / "results.json").write_text(table.to_json(orient="records", indent=2) + "\n")
 
 
-__all__ = ["TuneResult", "apply_overrides", "run_tune", "to_domain"]
+__all__ = ["TuneResult", "apply_overrides", "run_tune", "to_domain", "trial_rows"]

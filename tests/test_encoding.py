@@ -189,3 +189,16 @@ def test_pad_batch_right_pads():
     assert out["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     with pytest.raises(ValueError, match="pad_token_id"):
         pad_batch([a], None)
+    # the same padding straight from Arrow list columns (the score stage and the training loop)
+    import pyarrow as pa
+
+    from selectmoe.data.encoding import pad_columns
+
+    col = pa.chunked_array(
+        [pa.array([[5, 6, 7]], pa.list_(pa.int32())), pa.array([[8]], pa.list_(pa.int32()))]
+    )
+    lab = pa.array([[IGNORE_INDEX, 6, 7], [8]], pa.list_(pa.int32()))
+    arrow = pad_columns(col, lab, 0)
+    assert all(torch.equal(arrow[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="item 1: 1 input_ids but 2 labels"):
+        pad_batch([a, {"input_ids": [8], "labels": [8, 9]}], 0)

@@ -112,7 +112,8 @@ def test_lora_finetune_lowers_loss_and_writes_manifests(trained):
     assert run.n_rows == 64 and run.steps == 16  # 64 rows / batch 8 x 2 epochs
     assert run.n_tokens > 64 * 10 and 0 < run.n_label_tokens < run.n_tokens  # assistant_only labels
     assert len(run.losses) == 16
-    assert run.last_loss < run.first_loss - 0.5, run.losses  # pinned below: 5.81 -> 4.91
+    # bit-reproducible on CPU: the loss falls 5.8054 -> 4.9089 (every step pinned in test_logged_losses_are_pinned)
+    assert (run.first_loss, run.last_loss) == pytest.approx((PINNED_LOSSES[0], PINNED_LOSSES[-1]), abs=1e-4)
     manifest = json.loads((Path(cfg.output_dir) / "sel" / "_manifest.json").read_text())
     assert manifest["stage"] == "finetune"
     assert manifest["counts"]["rows"] == 64 and manifest["counts"]["steps"] == 16

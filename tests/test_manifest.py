@@ -47,3 +47,39 @@ def test_half_written_manifest_does_not_count(tmp_path):
     assert read_manifest(tmp_path) is None
     assert not manifest_matches(tmp_path, config={})
     assert json.loads(json.dumps(config_hash({"a": 1})))  # hashes are plain strings
+
+
+def test_jsonable_is_the_one_sanitiser():
+    """Configs, numpy/torch values, sets and paths become plain JSON; callables in mappings are dropped."""
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from selectmoe.manifest import jsonable
+
+    @dataclasses.dataclass
+    class Cfg:
+        path: Path = Path("/x/y")
+        ks: tuple = (2, 3)
+
+    obj = {
+        "cfg": Cfg(),
+        "omega": OmegaConf.create({"a": "${b}", "b": 1}),
+        "np": [np.int64(3), np.float32(0.5), np.arange(3)],
+        "torch": [torch.tensor(2.5), torch.tensor([1.0]), torch.tensor([[1, 2]])],
+        "tags": {"b", "a"},
+        "fn": lambda step: step,
+        1: None,
+    }
+    assert jsonable(obj) == {
+        "cfg": {"path": "/x/y", "ks": [2, 3]},
+        "omega": {"a": 1, "b": 1},
+        "np": [3, 0.5, [0, 1, 2]],
+        "torch": [2.5, 1.0, [[1, 2]]],
+        "tags": ["a", "b"],
+        "1": None,
+    }
+    assert json.dumps(jsonable(obj))  # no default= needed

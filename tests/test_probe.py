@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selectmoe.scoring.probe import build_probe_set, mann_whitney_auc
+from selectmoe.scoring.probe import build_probe_set
 
 
 def _brute_auc(pos, neg):
@@ -17,14 +17,25 @@ def _brute_auc(pos, neg):
     return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
 
 
-def test_mann_whitney_matches_brute_force_with_ties():
+def _gate_auc(pos, neg) -> float:
+    """The probe's AUC: sklearn's ROC AUC through ``scorer_aucs`` (gate = the ``quality`` column)."""
+    from selectmoe.selection.scorers import scorer_aucs
+
+    quality = np.r_[np.asarray(pos, float), np.asarray(neg, float)]
+    kinds = ["clean"] * len(pos) + ["noise"] * len(neg)
+    nan = np.full(len(kinds), np.nan)
+    columns = {"quality": quality, "response_nll": nan, "sample_nll": nan, "ifd": nan}
+    return scorer_aucs(columns, kinds)["gate"]["overall"]
+
+
+def test_probe_auc_is_the_mann_whitney_statistic_with_ties():
     rng = np.random.default_rng(0)
     pos = rng.integers(0, 5, size=17).astype(float)
     neg = rng.integers(0, 5, size=11).astype(float)
-    assert mann_whitney_auc(pos, neg) == pytest.approx(_brute_auc(pos, neg))
-    assert mann_whitney_auc([2, 3], [0, 1]) == 1.0
-    assert mann_whitney_auc([0, 1], [2, 3]) == 0.0
-    assert mann_whitney_auc([1, 1], [1]) == 0.5
+    assert _gate_auc(pos, neg) == pytest.approx(_brute_auc(pos, neg))
+    assert _gate_auc([2, 3], [0, 1]) == 1.0
+    assert _gate_auc([0, 1], [2, 3]) == 0.0
+    assert _gate_auc([1, 1], [1]) == 0.5
 
 
 def _records(n):
@@ -95,7 +106,8 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     cols = score_messages_all(model, enc, [it["messages"] for it in items])
     clean = np.array([it["kind"] == "clean" for it in items])
     assert set(result["scorers"]) == {"gate", "response_nll", "sample_nll", "gate_ppl_rank"}
-    assert result["scorers"]["gate"]["overall"] == pytest.approx(result["probe_auc"])
+    assert result["probe_auc"] == result["scorers"]["gate"]["overall"]
+    assert result["probe_auc"] == pytest.approx(roc_auc_score(clean, cols["quality"]))
     assert result["scorers"]["response_nll"]["overall"] == pytest.approx(
         roc_auc_score(clean, -cols["response_nll"])
     )
@@ -111,11 +123,26 @@ def test_probe_uses_the_scoring_definition(selector_dir):
 
 
 def test_probe_cli(selector_dir, tmp_path, capsys):
+    """The CLI on a selector whose gates carry a (seeded random) signal: its AUCs are pinned (CPU, fp32)."""
     from selectmoe.cli import main
+    from selectmoe.model import load_selector
 
+    model, tok, _ = load_selector(selector_dir / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "quality_gate" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "gated")
+    tok.save_pretrained(tmp_path / "gated")
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
-    assert main(["probe", str(selector_dir / "model"), str(pool), "--n", "6", "--seed", "1"]) == 0
+    assert main(["probe", str(tmp_path / "gated"), str(pool), "--n", "6", "--seed", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_clean"] == 6 and out["n_corrupt"] == 24
-    assert 0.0 <= out["probe_auc"] <= 1.0
+    assert out["probe_auc"] == pytest.approx(PINNED_CLI_AUC, abs=1e-4)
+    assert out["per_corruption"] == pytest.approx(PINNED_CLI_PER_KIND, abs=1e-4)
+
+
+PINNED_CLI_AUC = 0.5208  # 6 clean x 24 twins: multiples of 1/144
+PINNED_CLI_PER_KIND = {"noise": 0.5278, "shuffle_words": 0.4722, "swap_response": 0.4444, "truncate": 0.6389}

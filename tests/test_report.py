@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,8 +91,19 @@ def test_report_leads_with_the_answer(tmp_path):
     }
     (warmup / "_manifest.json").write_text(json.dumps({"stage": "warmup", "extra": {"probe": probe}}))
     cfg.warmup.output_dir = str(warmup)
+    truncated = (
+        "score: 97.7% of sharegpt rows (2931/3000) truncated at 256 tokens; their scores describe a prefix"
+    )
+    (router / "_manifest.json").write_text(
+        json.dumps({"stage": "score", "extra": {"truncation": {"warnings": [truncated]}}})
+    )
     build_run_report(cfg)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert md.split("\n\n")[1] == f"> **Warning:** {truncated}"  # right under the title
+    assert (
+        f"<p><b>Warning:</b> {truncated}</p><h2>What the selection achieved"
+        in (tmp_path / "run" / "report" / "report.html").read_text()
+    )
     first = md.split("\n## ")[1]
     assert first.startswith("What the selection achieved")
     assert (
@@ -104,3 +116,27 @@ def test_report_leads_with_the_answer(tmp_path):
     assert "| response perplexity (selector NLL) | 0.8 | 0.85 |" in md
     assert "| quality gate, swap response twins | 0.45 | 0.5 |" in md
     assert "| quality gate, clean beats its own twin (share) |  | 0.7 |" in md
+
+
+def test_report_selection_plots_are_the_select_stages(tmp_path):
+    """The report embeds ``selection.plots``' figures (one drawing per plot), empty clusters included."""
+    from selectmoe.report import Report, _selection
+    from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure
+
+    curves = {"k": [2, 3, 4], "inertia": [9.0, 6.0, 5.5], "silhouette": [0.2, None, 0.3]}
+    info = {"k_curves": curves, "chosen_k": 3, "k_choice": "elbow",
+            "clusters": {"sizes": [5, 0, 7], "mean_quality": [0.4, None, 0.6]}}  # fmt: skip
+    (tmp_path / "selection.json").write_text(json.dumps(info))
+
+    report = Report("t")
+    _selection(report, SimpleNamespace(select=SimpleNamespace(output_dir=str(tmp_path))))
+    assert [h for h, _, _ in report.sections] == [
+        "k sweep (chosen k = 3, rule elbow)",
+        "Cluster sizes and mean quality",
+    ]
+    assert all(png.startswith(b"\x89PNG") for png in report.figures.values())
+    fig = k_sweep_figure(curves["k"], curves["inertia"], curves["silhouette"], 3, "elbow")
+    inertia, silhouette = (ax.lines[0].get_ydata() for ax in fig.axes)
+    assert list(inertia) == [9.0, 6.0, 5.5] and np.isnan(silhouette[1]) and silhouette[2] == 0.3
+    means = cluster_sizes_figure([5, 0, 7], [0.4, None, 0.6]).axes[1].lines[0].get_ydata()
+    assert means[0] == 0.4 and np.isnan(means[1])

@@ -245,11 +245,26 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
     # the stored response NLL of an id == a direct forward's mean NLL over its assistant tokens
     hf_loss = _direct_nll(artefact)
     shard = list_shards(cfg.ingest_dir)[0]
-    pool_rows = pq.read_table(shard, columns=["id", "messages"]).to_pylist()[:3]
+    pool_rows = pq.read_table(shard, columns=["id", "messages"]).to_pylist()
     stored = dict(zip(data.ids, data.response_nll.tolist()))
-    for row in pool_rows:
+    for row in pool_rows[:3]:
         want = hf_loss(json.loads(row["messages"]), "assistant_only")
         assert stored[row["id"]] == pytest.approx(want, abs=1e-5)
+    # every stored quality / response NLL of a shard == score_batch run directly on that id alone
+    direct = _direct_score_batch(artefact)
+    quality = dict(zip(data.ids, data.quality.tolist()))
+    for row in pool_rows:
+        want = direct(json.loads(row["messages"]))
+        assert quality[row["id"]] == pytest.approx(want["quality"], abs=1e-6), row["id"]
+        assert stored[row["id"]] == pytest.approx(want["response_nll"], abs=1e-5), row["id"]
+    # truncation per dataset: counted from the stored flags, in the result and the manifest
+    names, want_trunc = np.asarray(data.datasets), {}
+    for ds in sorted(set(names)):
+        n, t = int((names == ds).sum()), int(data.truncated[names == ds].sum())
+        want_trunc[ds] = {"rows": n, "truncated": t, "share": round(t / n, 4)}
+    assert res.truncation["datasets"] == manifest["extra"]["truncation"]["datasets"] == want_trunc
+    assert manifest["counts"]["truncated"] == int(data.truncated.sum()) > 0
+    assert len(res.truncation["warnings"]) == sum(c["share"] > 0.05 for c in want_trunc.values()) > 0
     assert np.isnan(data.ifd).all()  # score.ifd is off by default: no extra pass, NaN stored
     # the selector's EncodingSpec (max_length=40) was used: lengths capped and truncation flagged
     assert data.n_tokens.max() <= MAX_LENGTH and data.truncated.any() and not data.truncated.all()
@@ -322,6 +337,28 @@ def _direct_nll(artefact):
         return float(torch.nn.functional.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=-100))
 
     return hf_loss
+
+
+def _direct_score_batch(artefact):
+    """``f(messages) -> {"quality", "response_nll"}``: :func:`score_batch` on one unpadded sample, fp32."""
+    import torch
+
+    from selectmoe.data.encoding import ChatEncoder, EncodingSpec, pad_batch
+    from selectmoe.model import load_selector
+    from selectmoe.scoring.model import response_spec, score_batch
+
+    model, tokenizer, enc = load_selector(artefact["model_dir"], dtype=torch.float32, device="cpu")
+    model.eval()
+    encoder = ChatEncoder(tokenizer, EncodingSpec.from_dict(enc))
+    response = ChatEncoder(tokenizer, response_spec(enc))
+
+    def score(messages):
+        batch = pad_batch([encoder.encode(messages)], tokenizer.pad_token_id)
+        labels = pad_batch([response.encode(messages)], tokenizer.pad_token_id)["labels"]
+        out = score_batch(model, **batch, scope=model.config.quality_token_scope, response_labels=labels)
+        return {k: float(out[k][0]) for k in ("quality", "response_nll")}
+
+    return score
 
 
 def test_response_and_sample_nll_equal_a_direct_hf_forward(artefact):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from selectmoe.data.encoding import pad_columns
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
-from selectmoe.training.loop import collate, forward_backward, global_counts
+from selectmoe.training.loop import forward_backward, global_counts
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,8 @@ def _rows(tok, n, seed=0):
     return rows
 
 
-def _batch(rows):
-    return {
-        "input_ids": np.array([r[0] for r in rows], dtype=object),
-        "labels": np.array([r[1] for r in rows], dtype=object),
-    }
+def collate(rows, pad):
+    return pad_columns([r[0] for r in rows], [r[1] for r in rows], pad)
 
 
 def _grads(model):
@@ -67,12 +65,12 @@ def test_ga_equals_one_big_batch(tiny, loss_type, sample_wise, scope):
         "forward_kwargs": {"output_router_logits": True},
     }
 
-    big = [collate(_batch(rows), pad)]
+    big = [collate(rows, pad)]
     model.zero_grad(set_to_none=True)
     loss_big = forward_backward(model, big, global_counts(big, scope), **kw)
     g_big = _grads(model)
 
-    micro = [collate(_batch(rows[i : i + 2]), pad) for i in range(0, 8, 2)]
+    micro = [collate(rows[i : i + 2], pad) for i in range(0, 8, 2)]
     model.zero_grad(set_to_none=True)
     loss_ga = forward_backward(model, micro, global_counts(micro, scope), **kw)
     g_ga = _grads(model)
@@ -91,7 +89,7 @@ def test_ga_equals_one_big_batch(tiny, loss_type, sample_wise, scope):
 def test_collate_and_counts(tiny):
     tok, _ = tiny
     rows = _rows(tok, 3)
-    mb = collate(_batch(rows), tok.pad_token_id)
+    mb = collate(rows, tok.pad_token_id)
     assert mb["input_ids"].shape == mb["labels"].shape == mb["attention_mask"].shape
     assert int(mb["attention_mask"].sum()) == sum(len(r[0]) for r in rows)
     assert (mb["labels"][mb["attention_mask"] == 0] == -100).all()
@@ -157,8 +155,8 @@ def test_ga_with_load_balancing_is_per_micro_batch(tiny):
             "count_kwargs": ("num_samples_in_batch", "num_quality_tokens_in_batch"),
             "forward_kwargs": {"output_router_logits": True},
         }
-        big = [collate(_batch(rows), tok.pad_token_id)]
-        micro = [collate(_batch(rows[i : i + 2]), tok.pad_token_id) for i in range(0, 8, 2)]
+        big = [collate(rows, tok.pad_token_id)]
+        micro = [collate(rows[i : i + 2], tok.pad_token_id) for i in range(0, 8, 2)]
         aux = {}
 
         def record(name):

@@ -29,6 +29,36 @@ def test_to_domain_and_overrides():
         apply_overrides(base, {"nope.x": 1})
 
 
+def test_trial_rows_come_from_the_result_grid(ray_local, tmp_path):
+    """``ResultGrid.get_dataframe()`` rows, with every failed trial kept, also one that never reported."""
+    import ray.tune
+
+    from selectmoe.tune import _write_table, trial_rows
+
+    def _toy_trial(config):  # nested: pickled by value (the test module is not importable on workers)
+        if config["lr"] == 3:
+            raise RuntimeError("fails before its first report")
+        ray.tune.report(
+            {"probe_auc": config["lr"] / 10, "epoch": 1.0, "step": 4, "lm_loss": 2.0 + config["lr"]}
+        )
+        if config["lr"] == 2:
+            raise RuntimeError("fails after one report")
+
+    tuner = ray.tune.Tuner(
+        _toy_trial,
+        param_space={"lr": ray.tune.grid_search([1, 2, 3])},
+        run_config=ray.tune.RunConfig(name="toy", storage_path=str(tmp_path / "rr"), verbose=0),
+    )
+    rows = trial_rows(tuner.fit(), ["lr"], "probe_auc", tmp_path / "trials")
+    got = sorted((r["param.lr"], r["status"], r["probe_auc"], r["lm_loss"], r["step"]) for r in rows)
+    assert got[:2] == [(1, "ok", 0.1, 3.0, 4), (2, "error", 0.2, 4.0, 4)]
+    assert got[2][:2] == (3, "error") and all(x is None for x in got[2][2:])
+    assert all(r["trial_dir"] == str(tmp_path / "trials" / r["trial_id"]) for r in rows if r["trial_id"])
+    _write_table(tmp_path, rows)
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].split(",") == list(rows[0])
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 3
+
+
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
     from selectmoe.data.demo_pool import build_demo_pool

@@ -1,7 +1,7 @@
 """Pool data: canonical records, readers, ingest/validation, THE chat encoder, Ray Data I/O, corruptions,
 and the generated demo pool. Submodules import lazily (``from selectmoe.data.encoding import ...``)."""
 
-from selectmoe.data.encoding import IGNORE_INDEX, ChatEncoder, Encoded, EncodingSpec, pad_batch
+from selectmoe.data.encoding import IGNORE_INDEX, ChatEncoder, Encoded, EncodingSpec, pad_batch, pad_columns
 from selectmoe.data.records import canonical_messages, stable_id
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "EncodingSpec",
     "canonical_messages",
     "pad_batch",
+    "pad_columns",
     "stable_id",
 ]

@@ -38,6 +38,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 IGNORE_INDEX = -100
 LABEL_MODES = ("full_sequence", "full_sequence_mask_tags", "assistant_only")
 ROLE_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
@@ -170,31 +173,58 @@ class ChatEncoder:
         return labels
 
 
-def pad_batch(items: Sequence[Encoded | Mapping[str, Any]], pad_token_id: int | None) -> dict[str, Any]:
-    """Right-pad to the longest item: LongTensors ``input_ids``, ``attention_mask``, ``labels`` (-100 on pads)."""
+def _list_array(values: Any) -> pa.ListArray:
+    """An Arrow ``list<int64>`` array of ``values`` (an Arrow list column, or a sequence of int sequences)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        values = pa.array([np.asarray(v, dtype=np.int64) for v in values], type=pa.list_(pa.int64()))
+    return values
+
+
+def pad_lists(values: Any, pad_value: int) -> np.ndarray:
+    """Right-pad a ``list<int>`` column into an int64 ``[B, T]`` matrix (vectorised, no Python loop)."""
+    values = _list_array(values)
+    lengths = np.diff(values.offsets.to_numpy())
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    width = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(lengths), width), pad_value, dtype=np.int64)
+    out[np.arange(width)[None, :] < lengths[:, None]] = flat  # row-major fill == concatenation order
+    return out
+
+
+def pad_columns(input_ids: Any, labels: Any, pad_token_id: int | None) -> dict[str, Any]:
+    """THE padding (training, scoring, probe): right-pad ``input_ids``/``labels`` columns (Arrow list
+    columns or sequences of int sequences) into LongTensors ``input_ids``, ``attention_mask``, ``labels``
+    (``IGNORE_INDEX`` on pads)."""
     import torch
 
     if pad_token_id is None:
-        raise ValueError("pad_batch needs a pad_token_id (set tokenizer.pad_token)")
-    rows = []
-    for it in items:
-        if isinstance(it, Encoded):
-            rows.append((list(it.input_ids), list(it.labels)))
-        else:
-            ids = list(it["input_ids"])
-            lab = it.get("labels")
-            rows.append((ids, list(ids) if lab is None else list(lab)))
-    n = len(rows)
-    width = max((len(ids) for ids, _ in rows), default=0)
-    input_ids = torch.full((n, width), int(pad_token_id), dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        if len(lab) != len(ids):
-            raise ValueError(f"item {i}: {len(ids)} input_ids but {len(lab)} labels")
-        L = len(ids)
-        if L:
-            input_ids[i, :L] = torch.as_tensor(ids, dtype=torch.long)
-            attention[i, :L] = 1
-            labels[i, :L] = torch.as_tensor(lab, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        raise ValueError("padding needs a pad_token_id (set tokenizer.pad_token)")
+    ids, lab = _list_array(input_ids), _list_array(labels)
+    id_lens, lab_lens = np.diff(ids.offsets.to_numpy()), np.diff(lab.offsets.to_numpy())
+    if len(id_lens) != len(lab_lens):
+        raise ValueError(f"{len(id_lens)} input_ids rows but {len(lab_lens)} labels rows")
+    bad = np.flatnonzero(id_lens != lab_lens)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"item {i}: {id_lens[i]} input_ids but {lab_lens[i]} labels")
+    padded = torch.from_numpy(pad_lists(ids, int(pad_token_id)))
+    attention = torch.from_numpy((np.arange(padded.shape[1])[None, :] < id_lens[:, None]).astype(np.int64))
+    return {
+        "input_ids": padded,
+        "attention_mask": attention,
+        "labels": torch.from_numpy(pad_lists(lab, IGNORE_INDEX)),
+    }
+
+
+def pad_batch(items: Sequence[Encoded | Mapping[str, Any]], pad_token_id: int | None) -> dict[str, Any]:
+    """:func:`pad_columns` of encoded items (``Encoded`` or mappings; missing ``labels`` = the input_ids)."""
+    ids = [it.input_ids if isinstance(it, Encoded) else it["input_ids"] for it in items]
+    labels = [
+        it.labels
+        if isinstance(it, Encoded)
+        else (it["input_ids"] if it.get("labels") is None else it["labels"])
+        for it in items
+    ]
+    return pad_columns(ids, labels, pad_token_id)

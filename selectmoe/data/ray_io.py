@@ -22,6 +22,7 @@ ENCODED_TYPES = {
     "input_ids": pa.list_(pa.int32()),
     "labels": pa.list_(pa.int32()),
     "n_tokens": pa.int32(),
+    "dataset": pa.string(),
     "truncated": pa.bool_(),
 }
 

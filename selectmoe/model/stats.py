@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from selectmoe.data.encoding import IGNORE_INDEX
 
 
 def token_mask_for_scope(

@@ -10,9 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-IGNORE_INDEX = -100
+from selectmoe.data.encoding import IGNORE_INDEX
 
 
 def resolve_dtype(name: str, use_gpu: bool):
@@ -25,19 +24,6 @@ def resolve_dtype(name: str, use_gpu: bool):
     if name in ("float32", "fp32"):
         return torch.float32
     raise ValueError(f"score.dtype must be auto | bfloat16 | float32, got {name!r}")
-
-
-def pad_lists(values: pa.Array | pa.ChunkedArray, pad_value: int) -> np.ndarray:
-    """Right-pad an Arrow ``list<int>`` column into an int64 ``[B, T]`` matrix (vectorised, no Python loop)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    offsets = values.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    width = int(lengths.max()) if len(lengths) else 0
-    out = np.full((len(lengths), width), pad_value, dtype=np.int64)
-    out[np.arange(width)[None, :] < lengths[:, None]] = flat  # row-major fill == concatenation order
-    return out
 
 
 def mean_token_nll(logits, targets) -> np.ndarray:

@@ -28,18 +28,6 @@ import numpy as np
 from selectmoe.data.corruptions import CORRUPTIONS, corrupt
 
 
-def mann_whitney_auc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """``P(pos > neg) + 0.5 P(pos == neg)`` over all (pos, neg) pairs (unpaired) = sklearn's ROC AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    pos = np.asarray(pos, dtype=np.float64)
-    neg = np.asarray(neg, dtype=np.float64)
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    truth = np.r_[np.ones(pos.size), np.zeros(neg.size)]
-    return float(roc_auc_score(truth, np.r_[pos, neg]))
-
-
 def build_probe_set(records: Sequence[Mapping[str, Any]], *, seed: int) -> list[dict[str, Any]]:
     """``[{"pair": i, "kind": "clean" | <corruption>, "messages": [...]}, ...]``: each record plus one twin per
     corruption. Records without an assistant turn are skipped. Deterministic given ``seed``."""
@@ -114,20 +102,18 @@ def probe(model, encoder, items: Sequence[Mapping[str, Any]], *, batch_size: int
     pairs = np.array([it["pair"] for it in items])
     clean = scores[kinds == "clean"]
     clean_by_pair = {int(p): s for p, s, k in zip(pairs, scores, kinds, strict=True) if k == "clean"}
-    per_kind = {}
-    wins = []
-    for kind in CORRUPTIONS:
-        sel = kinds == kind
-        if sel.any():
-            per_kind[kind] = mann_whitney_auc(clean, scores[sel])
-            for p, s in zip(pairs[sel], scores[sel], strict=True):
-                c = clean_by_pair[int(p)]
-                wins.append(1.0 if c > s else 0.5 if c == s else 0.0)
+    wins = []  # each twin against its own clean sample
+    for s, p, k in zip(scores, pairs, kinds, strict=True):
+        if k != "clean":
+            c = clean_by_pair[int(p)]
+            wins.append(1.0 if c > s else 0.5 if c == s else 0.0)
+    scorers = scorer_aucs(columns, kinds)
+    gate = scorers.get("gate", {})
     return {
-        "probe_auc": mann_whitney_auc(clean, scores[kinds != "clean"]),
-        "per_corruption": per_kind,
+        "probe_auc": gate.get("overall", float("nan")),
+        "per_corruption": {kind: gate[kind] for kind in CORRUPTIONS if kind in gate},
         "paired_win_rate": float(np.mean(wins)) if wins else float("nan"),
-        "scorers": scorer_aucs(columns, kinds),
+        "scorers": scorers,
         "n_clean": int(clean.size),
         "n_corrupt": int((kinds != "clean").sum()),
         "clean_mean": float(clean.mean()) if clean.size else float("nan"),
@@ -187,7 +173,6 @@ __all__ = [
     "ProbeEval",
     "build_probe_set",
     "flat_metrics",
-    "mann_whitney_auc",
     "probe",
     "score_messages",
     "score_messages_all",

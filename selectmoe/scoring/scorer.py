@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from selectmoe.scoring.model import IGNORE_INDEX, answer_only_nll, pad_lists, resolve_dtype, score_batch
+from selectmoe.data.encoding import pad_columns
+from selectmoe.scoring.model import answer_only_nll, resolve_dtype, score_batch
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,11 @@ class RouterScorer:
 
     def _padded(self, batch: pa.Table, ids_col: str, labels_col: str):
         """Right-padded ``(input_ids, attention_mask, labels)`` tensors of two list columns, on the device."""
-        import torch
-
-        input_ids = torch.from_numpy(pad_lists(batch.column(ids_col), self.pad_id))
-        labels = torch.from_numpy(pad_lists(batch.column(labels_col), IGNORE_INDEX))
-        lengths = np.diff(batch.column(ids_col).combine_chunks().offsets.to_numpy())
-        attention_mask = torch.from_numpy(
-            (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        )
+        tensors = pad_columns(batch.column(ids_col), batch.column(labels_col), self.pad_id)
         nb = self.device.type == "cuda"
-        return tuple(t.to(self.device, non_blocking=nb) for t in (input_ids, attention_mask, labels))
+        return tuple(
+            tensors[k].to(self.device, non_blocking=nb) for k in ("input_ids", "attention_mask", "labels")
+        )
 
     def tensors(self, batch: pa.Table):
         return self._padded(batch, "input_ids", "labels")

@@ -1,4 +1,7 @@
-"""Selection plots (matplotlib Agg): k sweep curves, cluster sizes, score histogram selected vs pool."""
+"""Selection plots (matplotlib Agg): k sweep curves, cluster sizes, score histogram selected vs pool.
+
+The ``*_figure`` functions draw; the select stage saves them as PNGs and the run report embeds the same
+figures (``selectmoe.report``), so each plot is drawn in one place."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -21,14 +25,14 @@ def _plt():
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
-def plot_k_sweep(
-    path, ks: Sequence[int], inertia: Sequence[float], silhouette: Sequence, chosen_k: int, rule: str
+def k_sweep_figure(
+    ks: Sequence[int], inertia: Sequence[float], silhouette: Sequence, chosen_k: int, rule: str
 ):
-    plt = _plt()
+    plt = pyplot()
     fig, ax1 = plt.subplots(figsize=(7, 3.2))
     ax1.plot(ks, inertia, "o-", color="#4477aa", ms=3, label="inertia")
     ax1.set_xlabel("k")
@@ -40,24 +44,24 @@ def plot_k_sweep(
         ax2.set_ylabel("silhouette (cosine)", color="#ee6677")
     ax1.axvline(chosen_k, color="k", ls="--", lw=1)
     ax1.set_title(f"k sweep: chosen k = {chosen_k} ({rule})")
-    return _save(fig, Path(path))
+    return fig
 
 
-def plot_cluster_sizes(path, sizes: Sequence[int], mean_quality: Sequence[float]):
-    plt = _plt()
+def cluster_sizes_figure(sizes: Sequence[int], mean_quality: Sequence[float | None]):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(range(len(sizes)), sizes, color="#66ccee")
     ax.set_xlabel("cluster")
     ax.set_ylabel("samples")
     ax2 = ax.twinx()
-    ax2.plot(range(len(mean_quality)), mean_quality, "k.")
+    ax2.plot(range(len(mean_quality)), [np.nan if m is None else m for m in mean_quality], "k.")
     ax2.set_ylabel("mean quality")
     ax.set_title("Cluster sizes and mean quality")
-    return _save(fig, Path(path))
+    return fig
 
 
-def plot_score_hist(path, pool_scores: np.ndarray, selected_scores: np.ndarray):
-    plt = _plt()
+def score_hist_figure(pool_scores: np.ndarray, selected_scores: np.ndarray):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     lo, hi = float(np.min(pool_scores)), float(np.max(pool_scores))
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
@@ -67,7 +71,7 @@ def plot_score_hist(path, pool_scores: np.ndarray, selected_scores: np.ndarray):
     ax.set_ylabel("density")
     ax.legend()
     ax.set_title("Quality score: selected vs pool")
-    return _save(fig, Path(path))
+    return fig
 
 
 def write_plots(
@@ -85,11 +89,9 @@ def write_plots(
     d.mkdir(parents=True, exist_ok=True)
     paths = []
     if len(curves.get("k", [])) > 1:
-        paths.append(
-            plot_k_sweep(
-                d / "k_sweep.png", curves["k"], curves["inertia"], curves["silhouette"], chosen_k, rule
-            )
-        )
-    paths.append(plot_cluster_sizes(d / "cluster_sizes.png", sizes, mean_quality))
-    paths.append(plot_score_hist(d / "score_hist.png", np.asarray(pool_scores), np.asarray(selected_scores)))
+        sweep = k_sweep_figure(curves["k"], curves["inertia"], curves["silhouette"], chosen_k, rule)
+        paths.append(_save(sweep, d / "k_sweep.png"))
+    paths.append(_save(cluster_sizes_figure(sizes, mean_quality), d / "cluster_sizes.png"))
+    hist = score_hist_figure(np.asarray(pool_scores), np.asarray(selected_scores))
+    paths.append(_save(hist, d / "score_hist.png"))
     return paths

@@ -43,7 +43,8 @@ from typing import Any
 
 from selectmoe.config import EvalConfig
 from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
-from selectmoe.manifest import write_manifest
+from selectmoe.manifest import jsonable, write_manifest
+from selectmoe.markdown import markdown_table
 from selectmoe.stages.contract import check_inputs
 
 logger = logging.getLogger(__name__)
@@ -212,12 +213,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _jsonable(results: Mapping[str, Any]) -> dict[str, Any]:
-    from lm_eval.utils import handle_non_serializable
-
-    return json.loads(json.dumps(results, default=handle_non_serializable))
-
-
 def _merge(total: dict[str, Any], part: Mapping[str, Any]) -> None:
     for key, value in part.items():
         if isinstance(value, Mapping) and isinstance(total.get(key), dict):
@@ -272,7 +267,7 @@ def evaluate_model(
         )
         if out is None:  # non-zero rank under accelerate; never the case here
             continue
-        _merge(merged, _jsonable(out))
+        _merge(merged, json.loads(json.dumps(jsonable(out), default=str)))
     merged["selectmoe"] = {"model_args": model_args, "device": device, "num_fewshot": dict(num_fewshot)}
     return merged
 
@@ -307,19 +302,19 @@ def comparison_rows(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> li
 def comparison_markdown(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     rows = comparison_rows(runs)
     cols = sorted({k for r in rows for k in r if k != "run"})
-    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cells = []
     for row, (run, tasks) in zip(rows, runs.items(), strict=True):
-        cells = []
+        line = [run]
         for col in cols:
             if col not in row:
-                cells.append("")
+                line.append("")
                 continue
             task, metric = col.split("/", 1)
             name, _, filt = metric.partition(",")
             stderr = tasks[task].get(f"{name}_stderr" + (f",{filt}" if filt else ""))
-            cells.append(f"{row[col]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            line.append(f"{row[col]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+        cells.append(line)
+    return markdown_table(["run", *cols], cells)
 
 
 # ------------------------------------------------------------------------------------------- stage

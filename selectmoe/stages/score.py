@@ -35,7 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from selectmoe.config import ScoreConfig
+from selectmoe.data.truncation import truncation_summary
 from selectmoe.manifest import read_manifest, write_manifest
 from selectmoe.router_data import SHARD_DIR, RouterDataWriter
 from selectmoe.scoring.dataset import build_score_dataset, read_encoding_spec
@@ -43,6 +46,7 @@ from selectmoe.scoring.records import (
     finish_shard,
     input_record,
     model_fingerprint,
+    out_path,
     remove_orphans,
     shard_is_done,
     shard_name,
@@ -67,6 +71,7 @@ class ScoreResult:
     model_fingerprint: str = ""
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
+    truncation: dict[str, Any] = field(default_factory=dict)  # per dataset (data.truncation)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -136,6 +141,10 @@ def run_score(
     pipe_s = time.perf_counter() - t_pipe
 
     total_rows = sum(inputs[n]["rows"] for n in names)
+    flags = [pq.read_table(out_path(out_dir, n), columns=["dataset", "truncated"]) for n in sorted(names)]
+    truncation = truncation_summary(
+        "score", flags, int(encoding["max_length"]), effect="their scores describe a prefix"
+    )
     result = ScoreResult(
         output_dir=str(out_dir),
         rows=total_rows,
@@ -148,6 +157,7 @@ def run_score(
         model_fingerprint=model_fp,
         tokens_per_s=tokens / pipe_s if tokens and pipe_s > 0 else 0.0,
         wall_s=time.perf_counter() - t0,
+        truncation=truncation,
     )
     ingest_manifest = Path(cfg.ingest_dir) / "_manifest.json"
     write_manifest(
@@ -167,9 +177,15 @@ def run_score(
             "shards_scored": len(scored),
             "shards_skipped": len(skipped),
             "tokens_per_s": round(result.tokens_per_s, 2),
+            "truncated": sum(d["truncated"] for d in truncation["datasets"].values()),
         },
         wall_s=result.wall_s,
-        extra={"model_fingerprint": model_fp, "encoding": encoding, "use_gpu": use_gpu},
+        extra={
+            "model_fingerprint": model_fp,
+            "encoding": encoding,
+            "use_gpu": use_gpu,
+            "truncation": truncation,
+        },
     )
     return result
 

@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class WarmupResult:
     probe: dict[str, Any] = field(default_factory=dict)  # {"probe_auc", "per_corruption", "before", "after"}
     metrics: dict[str, Any] = field(default_factory=dict)  # last reported metrics (rank 0)
     wall_s: float = 0.0
+    truncation: dict[str, Any] = field(default_factory=dict)  # per dataset (data.truncation)
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -198,27 +199,16 @@ def split_rows(
     return held, row_filter, n_train
 
 
-def _plain(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return asdict(obj)
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
 def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | None = None) -> WarmupResult:
     """Run the warmup stage (see module docstring). ``callbacks``: Ray Train ``UserCallback`` s (Tune uses one
     to forward reports); ``name``: the Ray Train run name's prefix (the rest is the run's identity hash)."""
+    import ray
     from transformers import AutoTokenizer
 
     from selectmoe.data.encoding import EncodingSpec
     from selectmoe.data.ingest import iter_ingested_records, list_shards
     from selectmoe.data.ray_io import encode_rows, read_ingested
+    from selectmoe.data.truncation import truncation_summary
     from selectmoe.manifest import write_manifest
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.ray_utils import resolve_use_gpu
@@ -261,13 +251,17 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             fn_kwargs={
                 "tokenizer_dir": str(cfg.model_dir),
                 "spec": spec_enc.to_dict(),
-                "columns": ["input_ids", "labels", "n_tokens"],
+                "columns": ["input_ids", "labels", "n_tokens", "dataset", "truncated"],
                 "keep": row_filter.keep,
             },
             batch_format="pyarrow",
             batch_size=256,
         )
         .materialize()  # encoded once: every worker reads all of it (the loop's global shuffle)
+    )
+    flags = ds.select_columns(["dataset", "truncated"]).to_arrow_refs()
+    truncation = truncation_summary(
+        "warmup", ray.get(flags), spec_enc.max_length, effect="the gates train on a prefix"
     )
 
     overrides = quality_config_overrides(cfg)
@@ -346,7 +340,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             "before": {k[: -len("_before")]: v for k, v in metrics.items() if k.endswith("_before")},
             "after": {k: v for k, v in metrics.items() if k.startswith("probe_") and not k.endswith("_before")},
             "n_clean": len(probe_records),
-            "auc_kind": "unpaired Mann-Whitney, all clean vs all corrupted twins",
+            "auc_kind": "ROC AUC (sklearn), all clean vs all corrupted twins (unpaired)",
         }  # fmt: skip
     wall = time.perf_counter() - t0
     res = WarmupResult(
@@ -361,11 +355,12 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         probe=probe,
         metrics=metrics,
         wall_s=wall,
+        truncation=truncation,
     )
     write_manifest(
         out_dir,
         stage="warmup",
-        config=_plain(cfg),
+        config=cfg,
         inputs=[cfg.model_dir, *shards],
         counts={
             "rows": n_train,
@@ -373,10 +368,17 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             "probe_rows": len(probe_records),
             "steps": result.steps,
             "tokens": int(res.tokens),
+            "truncated": sum(d["truncated"] for d in truncation["datasets"].values()),
         },
         seed=seed,
         wall_s=wall,
-        extra={"probe": probe, "metrics": metrics, "checkpoint": result.checkpoint_path, "ray_run": run_name},
+        extra={
+            "probe": probe,
+            "metrics": metrics,
+            "checkpoint": result.checkpoint_path,
+            "ray_run": run_name,
+            "truncation": truncation,
+        },
     )
     logger.info("warmup done: %s", res.summary())
     return res

@@ -29,9 +29,9 @@ TRAINING_CODE = ("training", "model", "data/encoding.py", "data/ray_io.py")
 def training_settings(cfg: Any, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """A stage config as a plain dict without the bookkeeping keys (and ``exclude``: keys whose content
     enters the identity as a fingerprint instead of a path)."""
-    from selectmoe.manifest import _jsonable
+    from selectmoe.manifest import jsonable
 
-    plain = _jsonable(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
+    plain = jsonable(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
     drop = BOOKKEEPING_KEYS | set(exclude)
     return {k: v for k, v in plain.items() if k not in drop}
 

@@ -50,7 +50,7 @@ step 1 with ``eval_before`` (reported as ``<name>_before``); every report carrie
 all workers, persisted across restarts).
 
 The step itself is :func:`forward_backward` + :func:`global_counts` (usable without Ray: the GA test and
-the benchmark's bare loop run exactly it). Padding is THE padding (``data.encoding.pad_batch``).
+the benchmark's bare loop run exactly it). Padding is THE padding (``data.encoding.pad_columns``).
 """
 
 from __future__ import annotations
@@ -70,11 +70,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from selectmoe.data.encoding import IGNORE_INDEX, pad_columns
+from selectmoe.manifest import jsonable
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Test hook (read on the driver, shipped in the loop config): "STEP:MARKER_FILE" makes rank 0 raise once
 # after optimizer step STEP if MARKER_FILE does not exist yet (it is created first).
 FAIL_ONCE_ENV = "SELECTMOE_FAIL_ONCE_AT_STEP"
@@ -437,17 +438,9 @@ def load_rows(shard, n_rows: int):
 
 
 def collate_rows(table, indices: np.ndarray, pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Rows ``indices`` of the Arrow table, padded (THE padding: ``data.encoding.pad_batch``)."""
-    from selectmoe.data.encoding import pad_batch
-
+    """Rows ``indices`` of the Arrow table, padded (THE padding: ``data.encoding.pad_columns``)."""
     taken = table.take(indices)
-    items = [
-        {"input_ids": x, "labels": y}
-        for x, y in zip(
-            taken.column("input_ids").to_pylist(), taken.column("labels").to_pylist(), strict=True
-        )
-    ]
-    tensors = pad_batch(items, pad_token_id)
+    tensors = pad_columns(taken.column("input_ids"), taken.column("labels"), pad_token_id)
     return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
 
 
@@ -535,18 +528,6 @@ def _maybe_fail(fail_once: str | None, step: int, rank: int) -> None:
     if step == int(at) and not Path(marker).exists():
         Path(marker).write_text(f"failed once at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
-
-
-def collate(batch: dict[str, np.ndarray], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Right-pad a numpy batch of variable-length ``input_ids``/``labels`` (THE padding: ``pad_batch``)."""
-    from selectmoe.data.encoding import pad_batch
-
-    items = [
-        {"input_ids": np.asarray(x).tolist(), "labels": np.asarray(y).tolist()}
-        for x, y in zip(batch["input_ids"], batch["labels"], strict=True)
-    ]
-    tensors = pad_batch(items, pad_token_id)
-    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
 
 
 def quality_token_mask(attention_mask: torch.Tensor, labels: torch.Tensor, scope: str) -> torch.Tensor:
@@ -812,21 +793,11 @@ class _Checkpointer:
             "batch_size": self.spec.batch_size,
             "micro_batch_size": self.spec.micro_batch_size,
             "param_names": self.names,
-            "optimizer_param_groups": _jsonable(groups),
-            "scheduler": _jsonable(self.scheduler.state_dict()),
-            "carry": _jsonable(carry),
+            "optimizer_param_groups": jsonable(groups),
+            "scheduler": jsonable(self.scheduler.state_dict()),
+            "carry": jsonable(carry),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items() if not callable(v)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    return obj
 
 
 def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, Any] | None:
