@@ -147,16 +147,17 @@ def _sync():
 
 
 def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu: bool) -> ScoreConfig:
-    """The one score config both modes benchmark: one replica, fp32 on CPU, bf16 on GPU."""
+    """The one score config both modes benchmark (the pool ingested first): one replica, fp32 on CPU, bf16
+    on GPU."""
+    from selectmoe.data.ingest import ensure_ingested
+
+    ensure_ingested(pool, work / "ingest")
     return ScoreConfig(
         model_dir=str(model_dir),
-        pool=pool,
-        data_format="auto",
-        strict=False,
         ingest_dir=str(work / "ingest"),
         output_dir=str(work / "router"),
         batch_size=args.batch_size,
-        concurrency=1,
+        num_replicas=1,
         num_gpus_per_replica=1.0,
         use_gpu=use_gpu,
         dtype="bfloat16" if use_gpu else "float32",
@@ -165,9 +166,8 @@ def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu:
 
 
 def tokenised_batches(cfg: ScoreConfig, use_gpu: bool):
-    from selectmoe.data.ingest import ensure_ingested, list_shards
+    from selectmoe.data.ingest import list_shards
 
-    ensure_ingested(list(cfg.pool), cfg.ingest_dir, fmt=cfg.data_format, strict=cfg.strict)
     ds = build_score_dataset(
         cfg,
         [Path(p) for p in list_shards(cfg.ingest_dir)],

@@ -84,6 +84,9 @@ def artefact(tmp_path_factory):
         encoding=EncodingSpec(max_length=MAX_LENGTH).to_dict(),
         tokenizer=tokenizer,
     )
+    from selectmoe.data.ingest import ensure_ingested
+
+    ensure_ingested(files, root / "ingest")  # the ingest stage's output: score's declared input
     return {"root": root, "pool": files, "model_dir": str(selector), "n_valid": 9 + 7 + 5}
 
 
@@ -91,13 +94,10 @@ def _cfg(artefact, name: str, **kw) -> ScoreConfig:
     root = artefact["root"]
     return ScoreConfig(
         model_dir=artefact["model_dir"],
-        pool=artefact["pool"],
-        data_format="auto",
-        strict=False,
         ingest_dir=str(root / "ingest"),
         output_dir=str(root / name),
         batch_size=4,
-        concurrency=1,
+        num_replicas=1,
         use_gpu=None,
         dtype="auto",
         sort_window=8,

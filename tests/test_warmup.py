@@ -16,6 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def assets(tmp_path_factory):
     """A small demo pool + a briefly pre-trained tiny OLMoE converted to Select-MoE."""
     from selectmoe.config import DemoConfig
+    from selectmoe.data.ingest import ensure_ingested
     from selectmoe.demo import prepare_demo_assets
     from selectmoe.model import convert_olmoe
 
@@ -36,6 +37,7 @@ def assets(tmp_path_factory):
     # model's probe has no signal (AUC ~0.5: scores tie up to float rounding of the token mean) and any
     # signal above it is learned by the warmup.
     convert_olmoe(demo.olmoe_dir, root / "converted", gate_init_std=0.0)
+    ensure_ingested([demo.pool_dir], root / "ingest")  # the ingest stage's output: warmup's declared input
     print(f"assets built in {time.perf_counter() - t0:.1f}s: {demo.summary()}")
     return {"root": root, "pool": demo.pool_dir, "model": str(root / "converted")}
 
@@ -49,9 +51,6 @@ def _cfg(assets, out: Path, **kw):
 
     base = dict(
         model_dir=assets["model"],
-        pool=[assets["pool"]],
-        data_format="auto",
-        strict=False,
         ingest_dir=str(assets["root"] / "ingest"),
         output_dir=str(out),
         storage_path=str(out / "ray_results"),

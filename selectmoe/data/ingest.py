@@ -459,6 +459,14 @@ def list_shards(ingest_dir: str | os.PathLike) -> list[Path]:
     return sorted(d.glob("*.parquet")) if d.is_dir() else []
 
 
+def ingested_shards(ingest_dir: str | os.PathLike, key: str) -> list[Path]:
+    """:func:`list_shards` for a stage that reads the ingest stage's output (``key``: its config key)."""
+    shards = list_shards(ingest_dir)
+    if not shards:
+        raise FileNotFoundError(f"{key}={ingest_dir}: no ingested shards (run the ingest stage first)")
+    return shards
+
+
 def iter_ingested_records(
     ingest_dir: str | os.PathLike,
     *,

@@ -8,7 +8,7 @@ Pipeline (one Ray Data execution over every *pending* ingest shard)::
                                                 selector's EncodingSpec over a window of ``sort_window``
                                                 rows, sorted by length and cut into ``batch_size``-row
                                                 blocks -> little padding, enough blocks for every replica)
-      -> RouterScorer                          (actor pool of ``concurrency`` replicas holding the model;
+      -> RouterScorer                          (actor pool of ``num_replicas`` replicas holding the model;
                                                 ``num_gpus_per_replica`` GPUs each, else CPU replicas;
                                                 ``torch.inference_mode``, bf16 on GPU, fp32 reductions)
       -> driver: iter_batches -> one RouterDataWriter per shard -> verify -> ``<name>.done.json``
@@ -60,7 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectmoe.config import ScoreConfig
-from selectmoe.manifest import fingerprint, write_manifest
+from selectmoe.manifest import fingerprint, read_manifest, write_manifest
 from selectmoe.router_data import SHARD_DIR, RouterDataWriter
 
 logger = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def _resources(cfg: ScoreConfig, use_gpu: bool) -> tuple[dict[str, Any], dict[st
     from selectmoe.ray_utils import cluster_cpus
 
     cpus = cluster_cpus()
-    concurrency = max(1, int(cfg.concurrency))
+    concurrency = max(1, cfg.num_replicas)
     encode_args = {"num_cpus": 0.5}
     if use_gpu:
         return {"num_gpus": float(cfg.num_gpus_per_replica), "num_cpus": 1}, encode_args, None
@@ -455,7 +455,7 @@ def build_score_dataset(
         batch_size=int(cfg.batch_size),
         # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a killed replica is
         # restarted and its in-flight batches are retried (tests/test_score.py kills one).
-        compute=ActorPoolStrategy(size=max(1, int(cfg.concurrency))),
+        compute=ActorPoolStrategy(size=max(1, cfg.num_replicas)),
         **scorer_args,
     )
 
@@ -564,16 +564,15 @@ def model_fingerprint(
 def run_score(
     cfg: ScoreConfig, *, scorer_cls: type = RouterScorer, scorer_kwargs: Mapping[str, Any] | None = None
 ) -> ScoreResult:
-    """Ingest (if needed) and score every pending ingest shard; see the module docstring.
+    """Score every pending shard of the ingest stage's output; see the module docstring.
 
     ``scorer_cls``/``scorer_kwargs``: the replica class (a :class:`RouterScorer` subclass; benchmarks use a
     random-weight model of a given shape)."""
-    from selectmoe.data.ingest import ensure_ingested, list_shards
+    from selectmoe.data.ingest import ingested_shards
     from selectmoe.ray_utils import init_ray, resolve_use_gpu
 
     t0 = time.perf_counter()
-    ingest = ensure_ingested(list(cfg.pool), cfg.ingest_dir, fmt=cfg.data_format, strict=cfg.strict)
-    ingest_shards = [Path(p) for p in list_shards(cfg.ingest_dir)]
+    ingest_shards = ingested_shards(cfg.ingest_dir, "score.ingest_dir")
     out_dir = Path(cfg.output_dir)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     names = {_shard_name(p): p for p in ingest_shards}
@@ -624,7 +623,7 @@ def run_score(
         rows=total_rows,
         rows_scored=rows_scored,
         tokens_scored=tokens,
-        rejected=int(getattr(ingest, "n_rejected", 0)),
+        rejected=int(((read_manifest(cfg.ingest_dir) or {}).get("counts") or {}).get("n_rejected", 0)),
         rejected_path=str(Path(cfg.ingest_dir) / "rejected.jsonl"),
         shards_scored=sorted(scored),
         shards_skipped=sorted(skipped),

@@ -97,7 +97,7 @@ def _nan_none(v: float) -> float | None:
 
 def run_select(cfg: SelectConfig) -> SelectResult:
     t0 = time.perf_counter()
-    seed = int(cfg.seed)
+    seed = cfg.seed
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rd = load_router_data(cfg.router_dir)
@@ -115,7 +115,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed, fit_fraction=cfg.fit_fraction
     )
     if cfg.k:
-        k = int(cfg.k)
+        k = cfg.k
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside [1, {n}]")
         fit = fit_k(X, k, clusterer, **common)
@@ -126,7 +126,12 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     else:
         ks = [k for k in k_values(cfg.k_range) if k <= n - 1] or [1]
         sweep = sweep_k(
-            X, ks, clusterer, num_actors=cfg.num_actors, num_gpus_per_actor=cfg.num_gpus_per_actor, **common
+            X,
+            ks,
+            clusterer,
+            num_actors=cfg.num_replicas,
+            num_gpus_per_actor=cfg.num_gpus_per_replica,
+            **common,
         )
         curves = sweep.curves()
         k, reason = choose_k(sweep.ks, sweep.inertia, sweep.silhouette, cfg.k_choice)
