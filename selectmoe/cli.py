@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("overrides", nargs="*")
     rep.add_argument("--out", default=None, help="output dir for a router-data report")
 
-    show = sub.add_parser("config", help="print the resolved config")
+    show = sub.add_parser("config", help="print the config as YAML to save and reuse (wiring unresolved)")
     _config_args(show)
     sub.add_parser("presets", help="list shipped presets")
     return parser
@@ -100,9 +100,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("\n".join(list_presets()))
         return 0
     if cmd == "config":
-        from omegaconf import OmegaConf
+        from selectmoe.config import dump_config
 
-        print(OmegaConf.to_yaml(OmegaConf.structured(load_config(args.config, args.overrides))))
+        print(dump_config(args.config, args.overrides), end="")
         return 0
     if cmd == "demo":
         from selectmoe.pipeline import run_pipeline
