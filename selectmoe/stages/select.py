@@ -20,7 +20,6 @@ Same inputs + seed ⇒ byte-identical jsonl / selection.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -247,12 +246,6 @@ def run_select(cfg: SelectConfig) -> SelectResult:
 
 
 # --------------------------------------------------------------------------- CLI
-def _default_seed() -> int:
-    from selectmoe.config import PipelineConfig
-
-    return int({f.name: f.default for f in dataclasses.fields(PipelineConfig)}["seed"])
-
-
 def pool_dir_from_manifest(router_dir: str | Path) -> str | None:
     """The ingest dir a score stage recorded (config.ingest_dir or the ``ingest`` input), if it exists."""
     from selectmoe.data.ingest import list_shards
@@ -287,7 +280,6 @@ def build_config(
         router_dir=str(router_dir),
         pool_dir=str(given_pool),
         output_dir=str(out or Path(router_dir) / "selection"),
-        seed=_default_seed(),
     )
     merged = OmegaConf.merge(OmegaConf.structured(base), dotlist)
     if pool_dir:

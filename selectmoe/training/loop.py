@@ -5,6 +5,8 @@ Contract (what a caller provides, in a picklable :class:`LoopSpec`):
 - ``model_fn()`` builds the model on CPU with exactly the trainable parameters ``requires_grad``;
   ``export_fn(model) -> {name: tensor}`` / ``import_fn(model, tensors)`` move the trainable state in and
   out (only those tensors are checkpointed). The loss is the model forward's ``loss``.
+- ``train``: the stage's config as is (a :class:`selectmoe.config.TrainingConfig`: warmup's or finetune's),
+  hyper-parameters and Ray Train resources alike.
 - The Ray Dataset ``train`` (materialised) yields rows with ``input_ids`` and ``labels`` (variable length,
   already encoded by the Data pipeline). Every worker reads all of it once into an Arrow table (memory:
   the encoded pool per worker, ~8 bytes a token) and takes its rows from the epoch's global order:
