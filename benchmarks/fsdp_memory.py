@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     import ray
     import ray.data
 
+    from selectmoe.config import TrainingConfig
     from selectmoe.stages.finetune import LoraModelFactory, export_lora, import_lora
     from selectmoe.training.loop import LoopSpec, fit
 
@@ -137,11 +138,11 @@ def main(argv=None) -> int:
         for strategy in ("ddp", "fsdp"):
             spec = LoopSpec(
                 model_fn=factory, export_fn=export_lora, import_fn=import_lora, n_rows=len(rows), pad_token_id=0,
-                lr=1e-3, epochs=1, batch_size=batch, micro_batch_size=2, strategy=strategy, log_every=1,
-                checkpoint_every=10**6, bf16=False,
+                train=TrainingConfig(lr=1e-3, epochs=1, batch_size=batch, micro_batch_size=2, strategy=strategy,
+                                     log_every=1, checkpoint_every=10**6, bf16=False, gradient_checkpointing=False,
+                                     num_workers=2, max_failures=0, storage_path=str(Path(tmp) / "ray")),
             )  # fmt: skip
-            res = fit(spec, ds, name=f"bench-{strategy}", storage_path=str(Path(tmp) / "ray"), num_workers=2,
-                      use_gpu=False, max_failures=0, metrics_dir=Path(tmp) / strategy)  # fmt: skip
+            res = fit(spec, ds, name=f"bench-{strategy}", use_gpu=False, metrics_dir=Path(tmp) / strategy)
             log = (Path(tmp) / strategy / "train_metrics.jsonl").read_text().splitlines()
             print(strategy, [round(json.loads(x)["peak_mem_mb"]) for x in log], flush=True)
             results[strategy] = (res.metrics, res.trainable_state())

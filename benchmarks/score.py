@@ -154,7 +154,7 @@ def score_config(model_dir: Path, pool: list[str], work: Path, args, *, use_gpu:
         ingest_dir=str(work / "ingest"),
         output_dir=str(work / "router"),
         batch_size=args.batch_size,
-        concurrency=1,
+        num_replicas=1,
         num_gpus_per_replica=1.0,
         use_gpu=use_gpu,
         dtype="bfloat16" if use_gpu else "float32",

@@ -66,25 +66,25 @@ def bare_loop(factory, rows, *, spec, warmup_steps: int) -> dict:
     model = factory()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr)
-    n_steps = len(rows) // spec.batch_size
+    opt = torch.optim.AdamW(params, lr=spec.train.lr)
+    n_steps = len(rows) // spec.train.batch_size
     sched = get_scheduler(spec.scheduler, opt, num_warmup_steps=0, num_training_steps=n_steps)
-    ga = spec.batch_size // spec.micro_batch_size
+    ga = spec.train.batch_size // spec.train.micro_batch_size
     tokens, t0 = 0, None
     for step in range(n_steps):
         if step == warmup_steps:
             t0, tokens = time.perf_counter(), 0
-        chunk = rows[step * spec.batch_size : (step + 1) * spec.batch_size]
+        chunk = rows[step * spec.train.batch_size : (step + 1) * spec.train.batch_size]
         group = []
         for i in range(ga):
-            part = chunk[i * spec.micro_batch_size : (i + 1) * spec.micro_batch_size]
+            part = chunk[i * spec.train.micro_batch_size : (i + 1) * spec.train.micro_batch_size]
             group.append(
                 pad_columns([r["input_ids"] for r in part], [r["labels"] for r in part], spec.pad_token_id)
             )
         counts = global_counts(group, spec.quality_token_scope)
         forward_backward(model, group, counts, count_kwargs=spec.count_kwargs, forward_kwargs=spec.forward_kwargs,
                          on_output=lambda out, mb: spec.metrics_fn(out, mb) if spec.metrics_fn else None)  # fmt: skip
-        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -115,13 +115,13 @@ def hf_trainer_loop(factory, rows, *, spec, warmup_steps: int, out_dir: str) -> 
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
 
-    ga = spec.batch_size // spec.micro_batch_size
-    n_steps = len(rows) // spec.batch_size
+    ga = spec.train.batch_size // spec.train.micro_batch_size
+    n_steps = len(rows) // spec.train.batch_size
     args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=spec.micro_batch_size, gradient_accumulation_steps=ga,
-        max_steps=n_steps, learning_rate=spec.lr, lr_scheduler_type=spec.scheduler, weight_decay=0.0,
-        max_grad_norm=spec.max_grad_norm, report_to="none", save_strategy="no", logging_strategy="no",
-        use_cpu=True, dataloader_num_workers=0, seed=spec.seed, disable_tqdm=True,
+        output_dir=out_dir, per_device_train_batch_size=spec.train.micro_batch_size, gradient_accumulation_steps=ga,
+        max_steps=n_steps, learning_rate=spec.train.lr, lr_scheduler_type=spec.scheduler, weight_decay=0.0,
+        max_grad_norm=spec.train.max_grad_norm, report_to="none", save_strategy="no", logging_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, seed=spec.train.seed, disable_tqdm=True,
         remove_unused_columns=False, train_sampling_strategy="sequential",
     )  # fmt: skip
     model = factory()
@@ -132,7 +132,7 @@ def hf_trainer_loop(factory, rows, *, spec, warmup_steps: int, out_dir: str) -> 
     return {"tokens_per_s": sum(timed) / wall, "steps_timed": n_steps - warmup_steps, "wall_s": wall}
 
 
-def ray_loop(spec, rows, storage: str) -> dict:
+def ray_loop(spec, rows) -> dict:
     import ray
     import ray.data
     from ray.train import UserCallback
@@ -164,8 +164,7 @@ def ray_loop(spec, rows, storage: str) -> dict:
 
     ds = ray.data.from_items(rows).materialize()
     t0 = time.perf_counter()
-    result = fit(spec, ds, name="bench", storage_path=storage, num_workers=1, use_gpu=False, max_failures=0,
-                 callbacks=[Collect(sink)])  # fmt: skip
+    result = fit(spec, ds, name="bench", use_gpu=False, callbacks=[Collect(sink)])
     wall = time.perf_counter() - t0
     reports = ray.get(sink.get.remote())
     tps = [r["tokens_per_s"] for r in reports[1:] if "tokens_per_s" in r] or [
@@ -182,6 +181,7 @@ def ray_loop(spec, rows, storage: str) -> dict:
 def cpu_compare(args) -> dict:
     import ray
 
+    from selectmoe.config import TrainingConfig
     from selectmoe.stages.warmup import GateMetrics, SelectorModelFactory, export_params, import_params
     from selectmoe.training.loop import LoopSpec
 
@@ -192,8 +192,10 @@ def cpu_compare(args) -> dict:
         rows = _rows(n_rows, args.length, vocab)
         spec = LoopSpec(
             model_fn=factory, export_fn=export_params, import_fn=import_params, n_rows=n_rows, pad_token_id=pad,
-            lr=1e-3, epochs=1, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-            checkpoint_every=10**6, log_every=args.log_every, shuffle=False,
+            train=TrainingConfig(lr=1e-3, epochs=1, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                                 checkpoint_every=10**6, log_every=args.log_every, gradient_checkpointing=False,
+                                 max_failures=0, storage_path=str(Path(tmp) / "ray")),
+            shuffle=False,
             count_kwargs=("num_samples_in_batch", "num_quality_tokens_in_batch"),
             forward_kwargs={"output_router_logits": True}, metrics_fn=GateMetrics("all"),
         )  # fmt: skip
@@ -204,7 +206,7 @@ def cpu_compare(args) -> dict:
         )
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        train = ray_loop(spec, rows, str(Path(tmp) / "ray"))
+        train = ray_loop(spec, rows)
     return {
         "mode": "cpu_compare",
         "steps": args.steps,

@@ -129,7 +129,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     rep.add_argument("--out", default=None, help="output dir for a router-data report (default: DIR/report)")
     _overrides(rep)
 
-    show = add("config", _cmd_config, "print the config")
+    show = add("config", _cmd_config, "print the config as YAML to save and reuse (wiring unresolved)")
     _config(show)
     _overrides(show)
     add("presets", _cmd_presets, "list shipped presets")
@@ -211,11 +211,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
+    from selectmoe.config import dump_config
 
-    from selectmoe.config import load_config
-
-    print(OmegaConf.to_yaml(OmegaConf.structured(load_config(args.config, args.overrides))))
+    print(dump_config(args.config, args.overrides), end="")
     return 0
 
 

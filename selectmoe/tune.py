@@ -182,7 +182,7 @@ def run_tune(cfg: PipelineConfig) -> TuneResult:
         stage="tune",
         config={"tune": dataclasses.asdict(tc), "warmup": base},
         counts={"trials": len(rows), "errors": sum(r["status"] == "error" for r in rows)},
-        seed=int(cfg.seed),
+        seed=cfg.seed,
         wall_s=wall,
         extra={"best": {k: v for k, v in best.items() if k != "warmup_config"}},
     )

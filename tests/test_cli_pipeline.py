@@ -16,7 +16,8 @@ def test_presets_and_config_commands(capsys):
     assert {"demo", "olmoe_less", "tune_quality_loss"} <= set(capsys.readouterr().out.split())
     assert main(["config", "demo", "output_dir=/tmp/zz", "select.k_range=[3,5]"]) == 0
     shown = capsys.readouterr().out
-    assert "output_dir: /tmp/zz" in shown and "/tmp/zz/router_data" in shown
+    assert "output_dir: /tmp/zz" in shown and "output_dir: ${output_dir}/router_data" in shown
+    assert "k_range:\n  - 3\n  - 5\n" in shown
 
 
 def test_planned_stages_only_and_from():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selectmoe import eval_tasks
-from selectmoe.config import EvalConfig, load_config
+from selectmoe.config import EvaluateConfig, load_config
 from selectmoe.eval_tasks import (
     MMLU_SUBJECTS,
     EvalTaskError,
@@ -144,14 +144,14 @@ def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
     from selectmoe.stages.evaluate import evaluate_model
 
     base, _ = tiny
-    cfg = EvalConfig(tasks=["mmlu_abstract_algebra"], mmlu_data=str(_mmlu_data()))
+    cfg = EvaluateConfig(tasks=["mmlu_abstract_algebra"], mmlu_data=str(_mmlu_data()))
     [tasks_dir] = write_less_tasks(cfg, tmp_path)
     assert tasks_dir == str(tmp_path / "mmlu") and len(list((tmp_path / "mmlu").glob("mmlu_*.yaml"))) == 57
     task = _task("mmlu_abstract_algebra", Path(tasks_dir))
     assert task.config.num_fewshot == 5
     index = TaskManager(include_path=[tasks_dir], include_defaults=False).task_index
     assert len(index["mmlu"].cfg["task"]) == 57  # the group: accuracy over all questions
-    check_tasks_offline(EvalConfig(tasks=["mmlu"]), [tasks_dir])  # all 57 subjects' files are local
+    check_tasks_offline(EvaluateConfig(tasks=["mmlu"]), [tasks_dir])  # all 57 subjects' files are local
     doc = next(iter(task.test_docs()))
     context = task.fewshot_context(doc, num_fewshot=5)
     assert context.startswith(
@@ -365,7 +365,7 @@ def test_bbh_and_tydiqa_generate_on_a_tiny_model(tiny, tmp_path):
     from lm_eval.tasks import TaskManager
 
     base, _ = tiny
-    cfg = EvalConfig(
+    cfg = EvaluateConfig(
         tasks=["bbh_cot_fewshot", "tydiqa_goldp"], bbh_data=str(BBH_DATA), tydiqa_data=str(TYDIQA_DATA)
     )
     dirs = write_less_tasks(cfg, tmp_path)
@@ -386,18 +386,18 @@ def test_bbh_and_tydiqa_generate_on_a_tiny_model(tiny, tmp_path):
 
 
 def test_offline_check_names_the_key_and_the_fix(tmp_path):
-    cfg = EvalConfig(tasks=["tydiqa_goldp"])
+    cfg = EvaluateConfig(tasks=["tydiqa_goldp"])
     with pytest.raises(
         EvalTaskError, match=r"'tydiqa_goldp' needs local data: set evaluate\.tydiqa_data=DIR"
     ):
         check_tasks_offline(cfg, write_less_tasks(cfg, tmp_path))
-    cfg = EvalConfig(tasks=["tydiqa_goldp"], tydiqa_data=str(tmp_path / "nowhere"))
+    cfg = EvaluateConfig(tasks=["tydiqa_goldp"], tydiqa_data=str(tmp_path / "nowhere"))
     with pytest.raises(EvalTaskError, match=r"evaluate\.tydiqa_data: .*nowhere is not a directory"):
         write_less_tasks(cfg, tmp_path)
-    cfg = EvalConfig(tasks=["tydiqa_goldp"], tydiqa_data=str(BBH_DATA))
+    cfg = EvaluateConfig(tasks=["tydiqa_goldp"], tydiqa_data=str(BBH_DATA))
     with pytest.raises(EvalTaskError, match=r"evaluate\.tydiqa_data: missing .*tydiqa-goldp-v1\.1-dev\.json"):
         write_less_tasks(cfg, tmp_path)
-    cfg = EvalConfig(tasks=["tydiqa_goldp", "mmlu_pro"], tydiqa_data=str(TYDIQA_DATA))
+    cfg = EvaluateConfig(tasks=["tydiqa_goldp", "mmlu_pro"], tydiqa_data=str(TYDIQA_DATA))
     with pytest.raises(EvalTaskError, match=r"'mmlu_pro' needs local data: set evaluate\.mmlu_data") as err:
         check_tasks_offline(cfg, write_less_tasks(cfg, tmp_path / "ok"))
     assert "tydiqa" not in str(err.value)  # the configured task passes
@@ -425,7 +425,7 @@ def test_offline_check_names_the_key_and_the_fix(tmp_path):
         ("hellaswag", r"'hellaswag' is not a task in evaluate\.include_path .*downloads from the hub"),
     ]:
         with pytest.raises(EvalTaskError, match=message):
-            check_tasks_offline(EvalConfig(tasks=[task], include_path=[str(user)]), [str(user)])
+            check_tasks_offline(EvaluateConfig(tasks=[task], include_path=[str(user)]), [str(user)])
 
 
 def test_pipeline_stops_before_any_training(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selectmoe.config import EvalConfig
+from selectmoe.config import EvaluateConfig
 from selectmoe.stages.evaluate import (
     AdapterError,
     check_adapter,
@@ -84,7 +84,7 @@ def test_evaluate_base_and_adapter_on_real_mmlu_subject(assets, tmp_path):
     _, base, adapters = assets
     tasks_dir = tmp_path / "tasks"
     assert write_mmlu_tasks(tasks_dir, ["abstract_algebra"]) == ["mmlu_abstract_algebra"]
-    cfg = EvalConfig(
+    cfg = EvaluateConfig(
         base_model=str(base),
         adapters_dir=str(adapters),
         output_dir=str(tmp_path / "eval"),
@@ -120,10 +120,12 @@ def test_missing_adapter_is_a_clear_error(assets, tmp_path):
     _, base, _ = assets
     (tmp_path / "ft" / "broken").mkdir(parents=True)
     (tmp_path / "ft" / "broken" / "_manifest.json").write_text("{}")
-    cfg = EvalConfig(base_model=str(base), adapters_dir=str(tmp_path / "ft"), output_dir=str(tmp_path / "e"))
+    cfg = EvaluateConfig(
+        base_model=str(base), adapters_dir=str(tmp_path / "ft"), output_dir=str(tmp_path / "e")
+    )
     with pytest.raises(AdapterError, match=r"missing adapter for run 'broken': .*broken/adapter"):
         run_evaluate(cfg)
-    cfg = EvalConfig(
+    cfg = EvaluateConfig(
         base_model=str(base), adapters_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "e")
     )
     with pytest.raises(FileNotFoundError, match=r"^evaluate: needs the finetuned adapters at .*nowhere "):
@@ -156,7 +158,7 @@ def test_incompatible_adapter_is_a_clear_error(assets, tmp_path):
         check_adapter(bad, str(base))
     with pytest.raises(AdapterError, match="does not fit base model"):
         run_evaluate(
-            EvalConfig(
+            EvaluateConfig(
                 base_model=str(base), adapters_dir=str(tmp_path / "ft"), output_dir=str(tmp_path / "e")
             )
         )

@@ -115,7 +115,7 @@ def test_ray_job_submit_runs_the_demo_pipeline_and_resumes(ray_head, tmp_path):
     assert selected and all({"dataset", "id", "scores", "cluster", "messages"} <= set(r) for r in selected)
     assert len({r["id"] for r in selected}) == len(selected)
     assert (out / "finetune" / "selected" / "adapter" / "adapter_config.json").is_file()
-    comparison = json.loads((out / "eval" / "comparison.json").read_text())
+    comparison = json.loads((out / "evaluate" / "comparison.json").read_text())
     assert comparison
     html = (out / "report" / "report.html").read_text()
     assert "k sweep" in html and "data:image/png;base64," in html

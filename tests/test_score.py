@@ -97,7 +97,7 @@ def _cfg(artefact, name: str, **kw) -> ScoreConfig:
         ingest_dir=str(root / "ingest"),
         output_dir=str(root / name),
         batch_size=4,
-        concurrency=1,
+        num_replicas=1,
         use_gpu=None,
         dtype="auto",
         sort_window=8,

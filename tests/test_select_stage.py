@@ -69,7 +69,7 @@ def _cfg(router, pool, out, **kw):
         k_range=[2, 5],
         n_init=2,
         seed=0,
-        num_actors=2,
+        num_replicas=2,
         plots=False,
         score="gate",  # these router shards carry only the gate score
         policy="round_robin",

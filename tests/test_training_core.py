@@ -48,7 +48,7 @@ def test_run_name_changes_with_any_setting_model_or_data(tmp_path):
     model = _model_dir(tmp_path)
     data = tmp_path / "sel.jsonl"
     data.write_text('{"id": 1}\n')
-    cfg = WarmupConfig(seed=0, pool=[], strict=False)
+    cfg = WarmupConfig(seed=0)
 
     def name(c, m=model, d=data):
         return run_name(

@@ -21,8 +21,7 @@ def test_to_domain_and_overrides():
     assert isinstance(to_domain({"loguniform": [1e-4, 1e-3]}), Float)
     assert isinstance(to_domain({"uniform": [0.0, 1.0]}), Float)
     assert to_domain(3) == 3
-    base = WarmupConfig(model_dir="m", pool=["p"], data_format="auto", strict=False, ingest_dir="i", output_dir="o",
-                        storage_path="s", seed=1)  # fmt: skip
+    base = WarmupConfig(model_dir="m", ingest_dir="i", output_dir="o", storage_path="s", seed=1)
     cfg = apply_overrides(base, {"quality_loss.type": "mse", "lr": 0.5})
     assert cfg.quality_loss.type == "mse" and cfg.lr == 0.5 and cfg.model_dir == "m"
     with pytest.raises(KeyError, match="nope"):
@@ -81,10 +80,9 @@ def test_tune_sweep_picks_best(ray_local, tiny_assets):
     from selectmoe.model import SelectMoeForCausalLM, load_selector
     from selectmoe.tune import run_tune
 
-    root, pool = tiny_assets
+    root, _ = tiny_assets
     warmup = WarmupConfig(
-        model_dir=str(root / "model"), pool=pool, data_format="auto", strict=False,
-        ingest_dir=str(root / "ingest"), output_dir=str(root / "unused"), storage_path=str(root / "unused_rr"),
+        model_dir=str(root / "model"), ingest_dir=str(root / "ingest"), output_dir=str(root / "unused"), storage_path=str(root / "unused_rr"),
         trainable="full_rank", epochs=1, batch_size=8, micro_batch_size=4, max_length=96, max_steps=2,
         gradient_checkpointing=False, checkpoint_every=100, log_every=1, probe_samples=8, num_workers=1,
         use_gpu=False, seed=0,

@@ -29,12 +29,11 @@ def elbow_k(k_values: Sequence[int], inertia: Sequence[float]) -> tuple[int, str
 
 
 def kneedle_k(k_values: Sequence[int], inertia: Sequence[float]) -> tuple[int, str]:
-    """Kneedle (convex, decreasing) via ``kneed``; falls back to :func:`elbow_k` when unavailable."""
+    """Kneedle (convex, decreasing) via ``kneed`` (refused at config load when it is not installed)."""
     try:
         from kneed import KneeLocator
-    except ImportError:
-        k, why = elbow_k(k_values, inertia)
-        return k, f"kneedle unavailable (kneed not installed), {why}"
+    except ImportError as e:
+        raise ValueError("k_choice=kneedle needs the kneed package (pip install kneed)") from e
     ks = [int(k) for k in k_values]
     if len(ks) >= 3:
         knee = KneeLocator(ks, list(map(float, inertia)), curve="convex", direction="decreasing").knee

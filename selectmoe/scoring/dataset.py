@@ -8,7 +8,7 @@
                                                 EncodingSpec over a window of ``sort_window`` rows, sorted
                                                 by length and cut into ``batch_size``-row blocks -> little
                                                 padding, enough blocks for every replica)
-      -> RouterScorer                          (actor pool of ``concurrency`` replicas holding the model;
+      -> RouterScorer                          (actor pool of ``num_replicas`` replicas holding the model;
                                                 ``num_gpus_per_replica`` GPUs each, else CPU replicas)
 """
 
@@ -88,7 +88,7 @@ def replica_resources(cfg: ScoreConfig, use_gpu: bool) -> tuple[dict[str, Any], 
     from selectmoe.ray_utils import cluster_cpus
 
     cpus = cluster_cpus()
-    concurrency = max(1, int(cfg.concurrency))
+    concurrency = max(1, cfg.num_replicas)
     encode_args = {"num_cpus": 0.5}
     if use_gpu:
         return {"num_gpus": float(cfg.num_gpus_per_replica), "num_cpus": 1}, encode_args, None
@@ -161,6 +161,6 @@ def build_score_dataset(
         batch_size=int(cfg.batch_size),
         # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a killed replica is
         # restarted and its in-flight batches are retried (tests/test_score.py kills one).
-        compute=ActorPoolStrategy(size=max(1, int(cfg.concurrency))),
+        compute=ActorPoolStrategy(size=max(1, cfg.num_replicas)),
         **scorer_args,
     )

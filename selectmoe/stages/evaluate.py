@@ -22,7 +22,7 @@ model args), ``output_dir/comparison.json`` = ``{"runs": {run: {task: {metric: v
 (``rows``: one flat row per run for the report table) and ``comparison.md``.
 
 Where it runs: when the Ray cluster has GPUs (and ``device`` is ``auto``/``cuda``), one Ray task per run
-with ``num_gpus=num_gpus_per_eval``, all runs in parallel (lm-eval's HF backend uses one device per process;
+with ``num_gpus=num_gpus_per_replica``, all runs in parallel (lm-eval's HF backend uses one device per process;
 data-parallel lm-eval needs ``accelerate launch``, while independent runs parallelise for free). The task
 dirs in ``include_path`` and the model/adapter paths must then be visible on every node (shared storage).
 Without GPUs the runs go sequentially in this process: CPU evaluation is bound by torch's intra-op threads
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selectmoe.config import EvalConfig
+from selectmoe.config import EvaluateConfig
 from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
 from selectmoe.manifest import jsonable, write_manifest
 from selectmoe.markdown import markdown_table
@@ -171,7 +171,7 @@ def check_adapter(adapter_dir: str | Path, base_model: str) -> dict[str, Any]:
     return adapter_cfg
 
 
-def discover_runs(cfg: EvalConfig) -> dict[str, str | None]:
+def discover_runs(cfg: EvaluateConfig) -> dict[str, str | None]:
     """``{run: adapter_dir or None (the base)}``; raises :class:`AdapterError` for a missing adapter."""
     runs: dict[str, str | None] = {BASE_RUN: None} if cfg.include_base else {}
     root = Path(cfg.adapters_dir) if cfg.adapters_dir else None
@@ -320,17 +320,17 @@ def comparison_markdown(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -
 # ------------------------------------------------------------------------------------------- stage
 
 
-def _use_ray_gpus(cfg: EvalConfig) -> bool:
+def _use_ray_gpus(cfg: EvaluateConfig) -> bool:
     from selectmoe.ray_utils import cluster_gpus
 
     return (
         cfg.device in ("auto", "cuda")
-        and cfg.num_gpus_per_eval > 0
-        and cluster_gpus() >= cfg.num_gpus_per_eval
+        and cfg.num_gpus_per_replica > 0
+        and cluster_gpus() >= cfg.num_gpus_per_replica
     )
 
 
-def run_evaluate(cfg: EvalConfig) -> EvalResult:
+def run_evaluate(cfg: EvaluateConfig) -> EvalResult:
     t0 = time.perf_counter()
     if not cfg.tasks:
         raise ValueError("evaluate.tasks is empty")
@@ -351,7 +351,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         import ray
 
         mode = "ray-gpu"
-        remote = ray.remote(num_gpus=cfg.num_gpus_per_eval)(evaluate_model)
+        remote = ray.remote(num_gpus=cfg.num_gpus_per_replica)(evaluate_model)
         refs = {
             run: remote.remote(cfg.base_model, adapter, list(cfg.tasks), device="cuda", **kwargs)
             for run, adapter in runs.items()

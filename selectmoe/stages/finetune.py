@@ -290,32 +290,14 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
         import_fn=import_lora,
         n_rows=counts["rows"],
         pad_token_id=int(tokenizer.pad_token_id),
-        lr=cfg.lr,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        micro_batch_size=cfg.micro_batch_size,
-        max_grad_norm=cfg.max_grad_norm,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        scheduler="linear",
-        max_steps=cfg.max_steps,
-        seed=int(cfg.seed),
-        bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        strategy=cfg.strategy,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
+        train=cfg,
     )
     ray_name = _run_name(cfg, name, path, use_gpu)
     result = fit(
         spec,
         ds,
         name=ray_name,
-        storage_path=str(cfg.storage_path),
-        num_workers=cfg.num_workers,
         use_gpu=use_gpu,
-        resources_per_worker=cfg.resources_per_worker,
-        max_failures=cfg.max_failures,
         metrics_dir=run_dir,
     )
 
@@ -365,7 +347,7 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
             "rows_dropped_per_epoch": run.n_rows
             - steps_per_epoch(run.n_rows, cfg.batch_size, cfg.num_workers) * cfg.batch_size,
         },
-        seed=int(cfg.seed),
+        seed=cfg.seed,
         wall_s=run.wall_s,
         extra={
             "run": name,
@@ -408,7 +390,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             "tokens": sum(r.n_tokens for r in runs.values()),
             "steps": sum(r.steps for r in runs.values()),
         },
-        seed=int(cfg.seed),
+        seed=cfg.seed,
         wall_s=wall,
         extra={"runs": {n: {**r.summary(), "adapter_dir": r.adapter_dir} for n, r in runs.items()}},
     )

@@ -19,7 +19,6 @@ Same inputs + seed ⇒ byte-identical jsonl / selection.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -98,7 +97,7 @@ def _nan_none(v: float) -> float | None:
 def run_select(cfg: SelectConfig) -> SelectResult:
     check_inputs("select", cfg)
     t0 = time.perf_counter()
-    seed = int(cfg.seed)
+    seed = cfg.seed
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rd = load_router_data(cfg.router_dir)
@@ -116,7 +115,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed, fit_fraction=cfg.fit_fraction
     )
     if cfg.k:
-        k = int(cfg.k)
+        k = cfg.k
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside [1, {n}]")
         fit = fit_k(X, k, clusterer, **common)
@@ -127,7 +126,12 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     else:
         ks = [k for k in k_values(cfg.k_range) if k <= n - 1] or [1]
         sweep = sweep_k(
-            X, ks, clusterer, num_actors=cfg.num_actors, num_gpus_per_actor=cfg.num_gpus_per_actor, **common
+            X,
+            ks,
+            clusterer,
+            num_actors=cfg.num_replicas,
+            num_gpus_per_actor=cfg.num_gpus_per_replica,
+            **common,
         )
         curves = sweep.curves()
         k, reason = choose_k(sweep.ks, sweep.inertia, sweep.silhouette, cfg.k_choice)
@@ -243,12 +247,6 @@ def run_select(cfg: SelectConfig) -> SelectResult:
 
 
 # --------------------------------------------------------------------------- CLI
-def _default_seed() -> int:
-    from selectmoe.config import PipelineConfig
-
-    return int({f.name: f.default for f in dataclasses.fields(PipelineConfig)}["seed"])
-
-
 def pool_dir_from_manifest(router_dir: str | Path) -> str | None:
     """The ingest dir a score stage recorded (config.ingest_dir or the ``ingest`` input), if it exists."""
     from selectmoe.data.ingest import list_shards
@@ -283,7 +281,6 @@ def build_config(
         router_dir=str(router_dir),
         pool_dir=str(given_pool),
         output_dir=str(out or Path(router_dir) / "selection"),
-        seed=_default_seed(),
     )
     merged = OmegaConf.merge(OmegaConf.structured(base), dotlist)
     if pool_dir:

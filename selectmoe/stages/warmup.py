@@ -219,13 +219,9 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
 
     t0 = time.perf_counter()
     check_inputs("warmup", cfg)
-    if cfg.lora_dropout:
-        raise ValueError(
-            "warmup.lora_dropout must be 0: router LoRA is a weight parametrization (no dropout)"
-        )
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg.seed)
+    seed = cfg.seed
     shards = [str(s) for s in list_shards(cfg.ingest_dir)]
     ids = _read_ids(shards)
     held, row_filter, n_train = split_rows(
@@ -237,7 +233,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         for r in iter_ingested_records(cfg.ingest_dir, shards=shards)
         if str(r["id"]) in held_set
     ]
-    spec_enc = EncodingSpec(max_length=int(cfg.max_length), label_mode=cfg.label_mode)
+    spec_enc = EncodingSpec(max_length=cfg.max_length, label_mode=cfg.label_mode)
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -272,20 +268,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         import_fn=import_params,
         n_rows=n_train,
         pad_token_id=int(pad_id),
-        lr=float(cfg.lr),
-        epochs=int(cfg.epochs),
-        batch_size=int(cfg.batch_size),
-        micro_batch_size=int(cfg.micro_batch_size),
-        max_grad_norm=float(cfg.max_grad_norm),
-        warmup_ratio=float(cfg.warmup_ratio),
-        weight_decay=float(cfg.weight_decay),
-        max_steps=int(cfg.max_steps),
-        seed=seed,
-        bf16=bool(cfg.bf16),
-        gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        strategy=cfg.strategy,
-        checkpoint_every=int(cfg.checkpoint_every),
-        log_every=int(cfg.log_every),
+        train=cfg,
         count_kwargs=("num_samples_in_batch", "num_quality_tokens_in_batch"),
         quality_token_scope=overrides["quality_token_scope"],
         forward_kwargs={"output_router_logits": True},
@@ -298,7 +281,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     )
     run_name = training_run_name(
         name or "warmup",
-        training_settings(cfg, exclude=("model_dir", "pool", "ingest_dir", "data_format", "strict")),
+        training_settings(cfg, exclude=("model_dir", "ingest_dir")),
         {"model": cfg.model_dir, **{f"shard:{Path(s).name}": s for s in shards}},
         stage_module=__name__,
         use_gpu=use_gpu,
@@ -307,11 +290,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         spec,
         ds,
         name=run_name,
-        storage_path=str(cfg.storage_path),
-        num_workers=int(cfg.num_workers),
         use_gpu=use_gpu,
-        resources_per_worker=cfg.resources_per_worker,
-        max_failures=int(cfg.max_failures),
         callbacks=callbacks,
         metrics_dir=out_dir,
     )

@@ -5,6 +5,8 @@ Contract (what a caller provides, in a picklable :class:`LoopSpec`):
 - ``model_fn()`` builds the model on CPU with exactly the trainable parameters ``requires_grad``;
   ``export_fn(model) -> {name: tensor}`` / ``import_fn(model, tensors)`` move the trainable state in and
   out (only those tensors are checkpointed). The loss is the model forward's ``loss``.
+- ``train``: the stage's config as is (a :class:`selectmoe.config.TrainingConfig`: warmup's or finetune's),
+  hyper-parameters and Ray Train resources alike.
 - The Ray Dataset ``train`` (materialised) yields rows with ``input_ids`` and ``labels`` (variable length,
   already encoded by the Data pipeline). Every worker reads all of it once into an Arrow table (memory:
   the encoded pool per worker, ~8 bytes a token) and takes its rows from the epoch's global order:
@@ -62,7 +64,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selectmoe.config import TrainingConfig
 from selectmoe.data.encoding import IGNORE_INDEX, pad_columns
 from selectmoe.manifest import jsonable
 from selectmoe.training.batching import grad_accum_steps, steps_per_epoch
@@ -94,21 +97,10 @@ class LoopSpec:
     import_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Any]
     n_rows: int  # rows of the training dataset (sets steps per epoch and the schedule length)
     pad_token_id: int
-    lr: float = 3e-4
-    epochs: int = 1
-    batch_size: int = 16  # global, exact: micro_batch_size x grad_accum x world size
-    micro_batch_size: int = 1
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
+    # the stage's training config as is: hyper-parameters (lr, epochs, global batch_size = micro_batch_size
+    # x grad_accum x world size, ...) and Ray Train resources (num_workers, storage_path, ...)
+    train: TrainingConfig
     scheduler: str = "linear"  # any transformers.get_scheduler name
-    max_steps: int = -1  # >0 caps optimizer steps
-    seed: int = 42
-    bf16: bool = True  # autocast (GPU only)
-    gradient_checkpointing: bool = False
-    strategy: str = "ddp"  # ddp | fsdp
-    checkpoint_every: int = 200
-    log_every: int = 10
     shuffle: bool = True  # a global permutation of all rows per epoch, seeded by (seed, epoch)
     cpu_threads: int = 1  # torch threads per CPU worker: the worker's CPU resources, set explicitly
     # extra global counts the forward accepts: num_samples_in_batch, num_quality_tokens_in_batch
@@ -140,16 +132,16 @@ class LoopResult:
 
 def total_steps(spec: LoopSpec, world_size: int) -> tuple[int, int, int]:
     """``(grad_accum, steps_per_epoch, total_steps)`` for a spec on ``world_size`` workers."""
-    ga = grad_accum_steps(spec.batch_size, spec.micro_batch_size, world_size)
-    per_epoch = steps_per_epoch(spec.n_rows, spec.batch_size, world_size)
+    ga = grad_accum_steps(spec.train.batch_size, spec.train.micro_batch_size, world_size)
+    per_epoch = steps_per_epoch(spec.n_rows, spec.train.batch_size, world_size)
     if per_epoch < 1:
         raise ValueError(
             f"{spec.n_rows} training rows on {world_size} worker(s) do not fill one global batch of "
-            f"{spec.batch_size}; lower batch_size or add data"
+            f"{spec.train.batch_size}; lower batch_size or add data"
         )
-    total = per_epoch * spec.epochs
-    if spec.max_steps > 0:
-        total = min(total, spec.max_steps)
+    total = per_epoch * spec.train.epochs
+    if spec.train.max_steps > 0:
+        total = min(total, spec.train.max_steps)
     return ga, per_epoch, total
 
 
@@ -158,20 +150,17 @@ def fit(
     dataset,
     *,
     name: str,
-    storage_path: str,
-    num_workers: int = 1,
     use_gpu: bool = False,
-    resources_per_worker: Mapping[str, float] | None = None,
-    max_failures: int = 1,
     callbacks: list | None = None,
     metrics_dir: str | Path | None = None,
     progress: bool | None = None,
 ) -> LoopResult:
     """Run the loop on a ``TorchTrainer``; returns the final checkpoint and metrics.
 
-    ``storage_path`` is a local path or URI; on a multi-node cluster it must be shared storage (a URI or
-    an NFS path) or Ray Train cannot gather checkpoints. Rerunning with the same ``name`` and
-    ``storage_path`` lets Ray Train restore the run's latest checkpoint (a local path is made absolute).
+    Workers, resources, restarts and storage come from ``spec.train``. ``train.storage_path`` is a local path
+    or URI; on a multi-node cluster it must be shared storage (a URI or an NFS path) or Ray Train cannot
+    gather checkpoints. Rerunning with the same ``name`` and ``storage_path`` lets Ray Train restore the
+    run's latest checkpoint (a local path is made absolute).
     ``metrics_dir``: also write every log step's metrics to ``metrics_dir/METRICS_LOG``, and show a steps/s
     bar on the driver's stderr from it (``progress=None``: on a terminal only).
     """
@@ -179,12 +168,14 @@ def fit(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    train = spec.train
+    num_workers, resources_per_worker = train.num_workers, train.resources_per_worker
     _, _, n_total = total_steps(spec, num_workers)  # fail fast on batch arithmetic, before any worker starts
     if spec.fail_once is None and os.environ.get(FAIL_ONCE_ENV):
         spec = _replace(spec, fail_once=os.environ[FAIL_ONCE_ENV])
     cpus = (resources_per_worker or {}).get("CPU", 1)
     spec = _replace(spec, cpu_threads=max(1, int(cpus)))
-    storage_path = resolve_storage(storage_path)
+    storage_path = resolve_storage(train.storage_path)
     _check_storage(storage_path)
     if metrics_dir is not None:
         callbacks = [
@@ -206,7 +197,7 @@ def fit(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
@@ -284,18 +275,18 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    fsdp = spec.strategy == "fsdp" and distributed
+    fsdp = spec.train.strategy == "fsdp" and distributed
     on_gpu = device.type == "cuda"
     _, per_epoch, n_total = total_steps(spec, world)
     rows = load_rows(ray.train.get_dataset_shard("train"), spec.n_rows)
 
-    _seed_all(spec.seed)
+    _seed_all(spec.train.seed)
     model = spec.model_fn()
-    if on_gpu and spec.bf16 and not fsdp:
+    if on_gpu and spec.train.bf16 and not fsdp:
         model.to(torch.bfloat16)  # frozen weights in bf16 (FSDP: fp32 shards, bf16 compute by its policy)
         keep_fp32_modules(model)  # quality gates and routers stay fp32 (the model's _keep_in_fp32_modules)
     _trainable_to_fp32(model)
-    if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    if spec.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable_names:
@@ -305,18 +296,18 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     if fsdp:
         from selectmoe.training.fsdp import shard_model
 
-        model = shard_model(model, device, bf16=on_gpu and spec.bf16)
+        model = shard_model(model, device, bf16=on_gpu and spec.train.bf16)
         inner = model
     else:
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if distributed else None)
         inner = getattr(model, "module", model)
     named = dict(inner.named_parameters())
     params = [named[n] for n in trainable_names]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     scheduler = get_scheduler(
         spec.scheduler,
         optimizer,
-        num_warmup_steps=math.ceil(spec.warmup_ratio * n_total),
+        num_warmup_steps=math.ceil(spec.train.warmup_ratio * n_total),
         num_training_steps=n_total,
     )
     step, epoch, step_in_epoch = 0, 0, 0
@@ -331,7 +322,9 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         )
 
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and spec.bf16 else contextlib.nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if on_gpu and spec.train.bf16
+        else contextlib.nullcontext()
     )
     window = _Window(device)
     peak = _PeakMemory(device)  # from here on: after sharding, so it measures what training holds
@@ -345,14 +338,14 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
         carry["before"] = {f"{k}_before": v for k, v in before.items()}
         carry["last_eval"] = dict(before)
     model.train()
-    while step < n_total and epoch < spec.epochs:
-        order = epoch_order(spec.n_rows, spec.seed, epoch, spec.shuffle)
+    while step < n_total and epoch < spec.train.epochs:
+        order = epoch_order(spec.n_rows, spec.train.seed, epoch, spec.shuffle)
         while step_in_epoch < per_epoch and step < n_total:
-            _seed_all(spec.seed + 1_000_003 * (step + 1) + rank)
-            mine = worker_rows(order, step_in_epoch, spec.batch_size, world, rank)
+            _seed_all(spec.train.seed + 1_000_003 * (step + 1) + rank)
+            mine = worker_rows(order, step_in_epoch, spec.train.batch_size, world, rank)
             group = [
-                collate_rows(rows, mine[i : i + spec.micro_batch_size], spec.pad_token_id, device)
-                for i in range(0, len(mine), spec.micro_batch_size)
+                collate_rows(rows, mine[i : i + spec.train.micro_batch_size], spec.pad_token_id, device)
+                for i in range(0, len(mine), spec.train.micro_batch_size)
             ]
             counts = _global_counts(group, spec.quality_token_scope, device, distributed)
             forward_backward(
@@ -366,7 +359,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
                 distributed=distributed,
                 on_output=lambda out, mb: window.add_outputs(out, mb, spec.metrics_fn),
             )
-            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm))
             window.add_step(float(grad_norm), float(counts["n_tokens"]))
             carry["tokens_seen"] += float(counts["n_tokens"])
             lr = scheduler.get_last_lr()[0]
@@ -378,8 +371,8 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
             epoch_end = step_in_epoch == per_epoch
             last = step == n_total
             _maybe_fail(spec.fail_once, step, rank)
-            is_ckpt = step % spec.checkpoint_every == 0 or epoch_end or last
-            if not (is_ckpt or step % spec.log_every == 0):
+            is_ckpt = step % spec.train.checkpoint_every == 0 or epoch_end or last
+            if not (is_ckpt or step % spec.train.log_every == 0):
                 continue
             entry = window.flush(distributed)
             entry.update(step=step, lr=lr, epoch=round(step / per_epoch, 6), tokens_seen=carry["tokens_seen"])
@@ -790,8 +783,8 @@ class _Checkpointer:
             "epoch": after[0],
             "step_in_epoch": after[1],
             "world_size": self.world,
-            "batch_size": self.spec.batch_size,
-            "micro_batch_size": self.spec.micro_batch_size,
+            "batch_size": self.spec.train.batch_size,
+            "micro_batch_size": self.spec.train.micro_batch_size,
             "param_names": self.names,
             "optimizer_param_groups": jsonable(groups),
             "scheduler": jsonable(self.scheduler.state_dict()),
@@ -815,13 +808,13 @@ def _load_checkpoint(spec: LoopSpec, model, rank: int, world: int) -> dict[str, 
         state = json.loads((d / STATE_FILE).read_text())
         if (state["world_size"], state["batch_size"], state["micro_batch_size"]) != (
             world,
-            spec.batch_size,
-            spec.micro_batch_size,
+            spec.train.batch_size,
+            spec.train.micro_batch_size,
         ):
             raise ValueError(
                 f"checkpoint {checkpoint.path} was written with world_size={state['world_size']}, "
                 f"batch_size={state['batch_size']}, micro_batch_size={state['micro_batch_size']}; resuming "
-                f"needs the same (got {world}, {spec.batch_size}, {spec.micro_batch_size})"
+                f"needs the same (got {world}, {spec.train.batch_size}, {spec.train.micro_batch_size})"
             )
         spec.import_fn(model, load_file(str(d / TRAINABLE_FILE)))
         state["optimizer_tensors"] = load_file(str(d / OPTIMIZER_FILE))
