@@ -342,8 +342,16 @@ def _unset(merged) -> list[str]:
 
 def dump_config(source: str | Path | None = None, overrides: list[str] | None = None) -> str:
     """The merged config as YAML that can be saved and reused: wiring left as ``${...}`` (so a new
-    ``output_dir`` or pool moves every path with it), mandatory values left as ``???``."""
-    return OmegaConf.to_yaml(merged_config(source, overrides))
+    ``output_dir`` or pool moves every path with it), mandatory values left as ``???``. Checked as a run
+    would check it, so what is printed loads; while mandatory values are open, the choices only."""
+    merged = merged_config(source, overrides)
+    if not _unset(merged):
+        load_config(source, overrides)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(merged, key, throw_on_missing=False)
+        if not OmegaConf.is_missing(merged, key) and value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+    return OmegaConf.to_yaml(merged)
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

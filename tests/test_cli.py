@@ -69,7 +69,7 @@ def test_a_stray_argument_is_an_error_not_dropped(capsys):
 
 
 def test_override_after_only_is_not_taken_as_a_stage(capsys):
-    assert main(["run", "demo", "--only", "polish", "data.format=x"]) == 2
+    assert main(["run", "demo", "--only", "polish", "data.format=alpaca"]) == 2
     err = capsys.readouterr().err
     assert "unknown stage(s) ['polish']" in err and "data.format" not in err
 
