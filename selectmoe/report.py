@@ -324,6 +324,7 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     sets = fig["sets"]
     chosen = sets.get("selected", {})
     rnd = sets.get("random", {})
+    arms, n_files = eval_arms(_comparisons(cfg), DEMO_TASK)
     if chosen:
         report.text(
             "What the selection achieved",
@@ -331,8 +332,10 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
             f"{rnd.get('bad_share', float('nan')):.3f} ({chosen['vs_pool']:.2f}x the pool), "
             f"{chosen.get('clusters_covered', '?')}/{chosen.get('clusters', '?')} clusters covered, "
             f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}, "
-            f"policy {fig['policy']}.",
+            f"policy {fig['policy']}." + (f" {eval_verdict(arms)}" if arms else ""),
         )
+    if arms:
+        _arms_table(report, arms, n_files)
     rows = [["pool", pool["n"], pool["bad_share"], 1.0, None, None]]
     for name, v in sets.items():
         label = f"selected: {fig['policy']}" if name == "selected" else name
@@ -356,6 +359,102 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     )
 
 
+DEMO_TASK = "selectmoe_demo"
+SEEDS_DIR = "seeds"  # <output_dir>/seeds/seed_<s>/eval: benchmarks/demo_seeds.py's extra-seed runs
+RUN_LABELS = {
+    "base": "base target, no finetune",
+    "selected": "selected (this pipeline)",
+    "random": "random, same budget",
+    "top_k": "top-k by score, same budget",
+    "proportional": "proportional, same budget",
+    "full_pool": "full pool",
+}
+METRIC_LABELS = {
+    "acc": "accuracy",
+    "acc_norm": "accuracy (length-normalised)",
+    "exact_match": "exact match",
+    "f1": "F1",
+}
+
+
+def _comparisons(cfg: PipelineConfig) -> list[dict]:
+    """One evaluate ``comparison.json`` per seed: the extra-seed runs when there are any, else this run's."""
+    seeds = sorted((Path(cfg.output_dir) / SEEDS_DIR).glob("*/eval/comparison.json"))
+    paths = seeds or [p for p in [Path(cfg.evaluate.output_dir) / "comparison.json"] if p.is_file()]
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def eval_arms(
+    comparisons: list[dict], task: str, metric: str = "acc"
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Per finetune arm (and ``base``): ``task``'s ``metric`` over the seeds' comparisons, as ``{"n",
+    "mean", "se", "values"}`` (``se`` = sample std / sqrt(n), ``None`` for one seed); and the seed count."""
+    values: dict[str, list[float]] = {}
+    for comp in comparisons:
+        for run, tasks in (comp.get("runs") or {}).items():
+            value = (tasks.get(task) or {}).get(metric)
+            if value is not None:
+                values.setdefault(run, []).append(float(value))
+    arms = {}
+    for run, vals in values.items():
+        n = len(vals)
+        se = float(np.std(vals, ddof=1) / np.sqrt(n)) if n > 1 else None
+        arms[run] = {"n": n, "mean": float(np.mean(vals)), "se": se, "values": vals}
+    return arms, len(comparisons)
+
+
+def _pm(arm: dict[str, Any]) -> str:
+    return f"{arm['mean']:.3f}" + (f" ± {arm['se']:.3f}" if arm["se"] is not None else "")
+
+
+def eval_verdict(arms: dict[str, dict[str, Any]]) -> str:
+    """The answer in one sentence: selected vs random (in standard errors of the difference) and vs base."""
+    sel, rnd, base = arms.get("selected"), arms.get("random"), arms.get("base")
+    if not sel or not rnd:
+        return ""
+    diff = sel["mean"] - rnd["mean"]
+    parts = [f"Demo eval accuracy: selected {_pm(sel)} vs random {_pm(rnd)}"]
+    if base:
+        parts.append(f" vs base {_pm(base)}")
+    if sel["se"] is None or rnd["se"] is None:
+        parts.append(
+            f" (one seed, no error bars: benchmarks/demo_seeds.py runs 3); selected - random = {diff:+.3f}."
+        )
+        return "".join(parts)
+    se = float(np.hypot(sel["se"], rnd["se"]))
+    z = diff / se if se > 0 else float("inf") if diff > 0 else 0.0
+    met = diff >= 2 * se and (base is None or min(sel["mean"], rnd["mean"]) > base["mean"])
+    parts.append(
+        f" over {sel['n']} seeds; selected - random = {diff:+.3f} = {z:+.1f} SE of the difference: the target "
+        f"(selected >= random + 2 SE, both above base) is {'met' if met else 'missed'}."
+    )
+    return "".join(parts)
+
+
+def _arms_table(report: Report, arms: dict[str, dict[str, Any]], n_seeds: int) -> None:
+    base = arms.get("base")
+    order = [*RUN_LABELS, *sorted(set(arms) - set(RUN_LABELS))]
+    rows = [
+        [RUN_LABELS.get(run, run), _pm(arms[run]), None if base is None else arms[run]["mean"] - base["mean"],
+         arms[run]["n"], " ".join(f"{v:.3f}" for v in arms[run]["values"])]
+        for run in order if run in arms
+    ]  # fmt: skip
+    seeds = f"{n_seeds} seeds" if n_seeds > 1 else "1 seed"
+    report.table(
+        f"Did selection help? Demo eval accuracy after a LoRA finetune on each set (mean ± SE, {seeds})",
+        ["finetuned on", "accuracy", "vs base", "seeds", "per seed"],
+        rows,
+    )
+
+
+def _metric_label(column: str) -> str:
+    """``selectmoe_demo/acc_norm`` -> ``selectmoe_demo: accuracy (length-normalised)``."""
+    task, _, metric = column.partition("/")
+    name, _, filt = metric.partition(",")
+    label = METRIC_LABELS.get(name, name.replace("_", " "))
+    return f"{task}: {label}" + (f" ({filt})" if filt else "")
+
+
 def _evaluation(report: Report, cfg: PipelineConfig) -> None:
     path = Path(cfg.evaluate.output_dir) / "comparison.json"
     if not path.is_file():
@@ -368,9 +467,9 @@ def _evaluation(report: Report, cfg: PipelineConfig) -> None:
         ]
     header = sorted({k for r in rows_in for k in r if k != "run"})
     report.table(
-        "Evaluation (lm-eval)",
-        ["run", *header],
-        [[r.get("run"), *[r.get(h) for h in header]] for r in rows_in],
+        "Evaluation (lm-eval, this run)",
+        ["finetuned on", *[_metric_label(h) for h in header]],
+        [[RUN_LABELS.get(r.get("run"), r.get("run")), *[r.get(h) for h in header]] for r in rows_in],
     )
 
 
