@@ -32,6 +32,12 @@ class Report:
     def text(self, heading: str, body_md: str) -> None:
         self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
 
+    def items(self, heading: str, lines: list[str]) -> None:
+        """A short bullet list: the first screen reads as separate answers, not one paragraph."""
+        md = "".join(f"- {line}\n" for line in lines)
+        lis = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        self.sections.append((heading, md, f"<ul>{lis}</ul>"))
+
     def table(self, heading: str, header: list[str], rows: list[list[Any]]) -> None:
         md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
         md += "".join("| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
@@ -62,6 +68,7 @@ class Report:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}li{margin:.3em 0}"
             "img{max-width:100%}</style></head>"
             f"<body><h1>{html.escape(self.title)}</h1>{body}</body></html>"
         )
@@ -326,14 +333,14 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     rnd = sets.get("random", {})
     arms, n_files = eval_arms(_comparisons(cfg), DEMO_TASK)
     if chosen:
-        report.text(
-            "What the selection achieved",
+        lines = [
             f"Known-bad share: selected {chosen['bad_share']:.3f} vs pool {pool['bad_share']:.3f} vs random "
             f"{rnd.get('bad_share', float('nan')):.3f} ({chosen['vs_pool']:.2f}x the pool), "
             f"{chosen.get('clusters_covered', '?')}/{chosen.get('clusters', '?')} clusters covered, "
             f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}, "
-            f"policy {fig['policy']}." + (f" {eval_verdict(arms)}" if arms else ""),
-        )
+            f"policy {fig['policy']}.",
+        ]
+        report.items("What the selection achieved", [*lines, *([eval_verdict(arms)] if arms else [])])
     if arms:
         _arms_table(report, arms, n_files)
     rows = [["pool", pool["n"], pool["bad_share"], 1.0, None, None]]
@@ -435,7 +442,7 @@ def _arms_table(report: Report, arms: dict[str, dict[str, Any]], n_seeds: int) -
     base = arms.get("base")
     order = [*RUN_LABELS, *sorted(set(arms) - set(RUN_LABELS))]
     rows = [
-        [RUN_LABELS.get(run, run), _pm(arms[run]), None if base is None else arms[run]["mean"] - base["mean"],
+        [RUN_LABELS.get(run, run), _pm(arms[run]), "" if base is None else f"{arms[run]['mean'] - base['mean']:+.3f}",
          arms[run]["n"], " ".join(f"{v:.3f}" for v in arms[run]["values"])]
         for run in order if run in arms
     ]  # fmt: skip

@@ -145,7 +145,7 @@ def test_report_eval_arms_over_seeds(tmp_path):
     sections = md.split("\n## ")
     assert sections[1].startswith("What the selection achieved") and "is met" in sections[1]
     assert sections[2].startswith("Did selection help? Demo eval accuracy after a LoRA finetune")
-    assert "| selected (this pipeline) | 0.720 ± 0.012 | 0.22 | 3 | 0.700 0.720 0.740 |" in md
-    assert "| base target, no finetune | 0.500 ± 0.000 | 0 | 3 | 0.500 0.500 0.500 |" in md
+    assert "| selected (this pipeline) | 0.720 ± 0.012 | +0.220 | 3 | 0.700 0.720 0.740 |" in md
+    assert "| base target, no finetune | 0.500 ± 0.000 | +0.000 | 3 | 0.500 0.500 0.500 |" in md
     # the per-run lm-eval table has readable column labels, not raw metric keys
     assert "| finetuned on | selectmoe_demo: accuracy | selectmoe_demo: accuracy (length-normalised) |" in md
