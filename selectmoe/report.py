@@ -3,7 +3,8 @@
 ``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
 expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
 AUC, the evaluation table and, for the demo, first of all: how many known-bad samples each selection kept,
-its cluster coverage and each scorer's AUC against the hidden labels.
+its cluster coverage, each scorer's AUC against the hidden labels and the eval accuracy of every finetune
+arm against the base (mean ± SE over the seeds of ``benchmarks/demo_seeds.py`` when it ran).
 Every section is optional: a run that stopped early still gets a report of what exists.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from selectmoe.config import STAGES, PipelineConfig
+from selectmoe.eval_tasks import DEMO_TASK
 from selectmoe.manifest import read_manifest
 
 
@@ -366,7 +368,6 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     )
 
 
-DEMO_TASK = "selectmoe_demo"
 SEEDS_DIR = "seeds"  # <output_dir>/seeds/seed_<s>/eval: benchmarks/demo_seeds.py's extra-seed runs
 RUN_LABELS = {
     "base": "base target, no finetune",
@@ -429,7 +430,7 @@ def eval_verdict(arms: dict[str, dict[str, Any]]) -> str:
         )
         return "".join(parts)
     se = float(np.hypot(sel["se"], rnd["se"]))
-    z = diff / se if se > 0 else float("inf") if diff > 0 else 0.0
+    z = diff / se if se > 0 else np.sign(diff) * float("inf")
     met = diff >= 2 * se and (base is None or min(sel["mean"], rnd["mean"]) > base["mean"])
     parts.append(
         f" over {sel['n']} seeds; selected - random = {diff:+.3f} = {z:+.1f} SE of the difference: the target "
