@@ -345,12 +345,14 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
         report.items("What the selection achieved", [*lines, *([eval_verdict(arms)] if arms else [])])
     if arms:
         _arms_table(report, arms, n_files)
-    rows = [["pool", pool["n"], pool["bad_share"], 1.0, None, None]]
+    rows = [["pool", pool["n"], f"{pool['bad_share']:.3f}", "1.00", None, None]]
     for name, v in sets.items():
-        label = f"selected: {fig['policy']}" if name == "selected" else name
+        label = f"selected: {fig['policy']}" if name == "selected" else RUN_LABELS.get(name, name)
+        entropy = v.get("entropy_norm")
         rows.append(
-            [label, v["n"], v["bad_share"], v["vs_pool"],
-             f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}", v.get("entropy_norm")]
+            [label, v["n"], f"{v['bad_share']:.3f}", f"{v['vs_pool']:.2f}",
+             f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}",
+             None if entropy is None else f"{entropy:.2f}"]
         )  # fmt: skip
     report.table(
         "Known-bad share and diversity per selection (demo labels, hidden from the pipeline)",
