@@ -42,12 +42,15 @@ class DemoConfig:
     dir: str = MISSING
     n_clean: int = 1600  # clean samples across the demo skills
     bad_fraction: float = 0.25  # share of known-bad twins (labels hidden from the pipeline)
-    n_eval: int = 120  # held-out multiple-choice questions for the demo lm-eval task
+    n_eval: int = 210  # held-out multiple-choice questions for the demo lm-eval task (30 per skill)
     vocab_size: int = 2048  # byte-level BPE trained on the pool
     pretrain_steps: int = 300  # LM pre-training of the tiny base so the gate has a signal to learn
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 16
     pretrain_threads: int = 2  # torch CPU threads for the pre-training (results depend on the count)
+    # LM pre-training of the finetune target on the same clean text: enough to know the answer format,
+    # short enough that finetuning on clean skill data still raises its eval accuracy (0 = random init)
+    target_pretrain_steps: int = 200
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
 expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
 AUC, the evaluation table and, for the demo, first of all: how many known-bad samples each selection kept,
-its cluster coverage and each scorer's AUC against the hidden labels.
+its cluster coverage, each scorer's AUC against the hidden labels and the eval accuracy of every finetune
+arm against the base (mean ± SE over the seeds of ``benchmarks/demo_seeds.py`` when it ran).
 Every section is optional: a run that stopped early still gets a report of what exists.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from selectmoe.config import STAGES, PipelineConfig
+from selectmoe.eval_tasks import DEMO_TASK
 from selectmoe.manifest import read_manifest
 from selectmoe.markdown import markdown_table
 from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure, pyplot
@@ -34,6 +36,12 @@ class Report:
 
     def text(self, heading: str, body_md: str) -> None:
         self.sections.append((heading, body_md, f"<p>{html.escape(body_md)}</p>"))
+
+    def items(self, heading: str, lines: list[str]) -> None:
+        """A short bullet list: the first screen reads as separate answers, not one paragraph."""
+        md = "".join(f"- {line}\n" for line in lines)
+        lis = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        self.sections.append((heading, md, f"<ul>{lis}</ul>"))
 
     def table(self, heading: str, header: list[str], rows: list[list[Any]]) -> None:
         md = markdown_table(header, rows, _fmt)
@@ -64,6 +72,7 @@ class Report:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}li{margin:.3em 0}"
             "img{max-width:100%}</style></head>"
             f"<body><h1>{html.escape(self.title)}</h1>{body}</body></html>"
         )
@@ -302,21 +311,26 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     sets = fig["sets"]
     chosen = sets.get("selected", {})
     rnd = sets.get("random", {})
+    arms, n_files = eval_arms(_comparisons(cfg), DEMO_TASK)
     if chosen:
-        report.text(
-            "What the selection achieved",
+        lines = [
             f"Known-bad share: selected {chosen['bad_share']:.3f} vs pool {pool['bad_share']:.3f} vs random "
             f"{rnd.get('bad_share', float('nan')):.3f} ({chosen['vs_pool']:.2f}x the pool), "
             f"{chosen.get('clusters_covered', '?')}/{chosen.get('clusters', '?')} clusters covered, "
             f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}, "
             f"policy {fig['policy']}.",
-        )
-    rows = [["pool", pool["n"], pool["bad_share"], 1.0, None, None]]
+        ]
+        report.items("What the selection achieved", [*lines, *([eval_verdict(arms)] if arms else [])])
+    if arms:
+        _arms_table(report, arms, n_files)
+    rows = [["pool", pool["n"], f"{pool['bad_share']:.3f}", "1.00", None, None]]
     for name, v in sets.items():
-        label = f"selected: {fig['policy']}" if name == "selected" else name
+        label = f"selected: {fig['policy']}" if name == "selected" else RUN_LABELS.get(name, name)
+        entropy = v.get("entropy_norm")
         rows.append(
-            [label, v["n"], v["bad_share"], v["vs_pool"],
-             f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}", v.get("entropy_norm")]
+            [label, v["n"], f"{v['bad_share']:.3f}", f"{v['vs_pool']:.2f}",
+             f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}",
+             None if entropy is None else f"{entropy:.2f}"]
         )  # fmt: skip
     report.table(
         "Known-bad share and diversity per selection (demo labels, hidden from the pipeline)",
@@ -334,6 +348,101 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     )
 
 
+SEEDS_DIR = "seeds"  # <output_dir>/seeds/seed_<s>/evaluate: benchmarks/demo_seeds.py's extra-seed runs
+RUN_LABELS = {
+    "base": "base target, no finetune",
+    "selected": "selected (this pipeline)",
+    "random": "random, same budget",
+    "top_k": "top-k by score, same budget",
+    "proportional": "proportional, same budget",
+    "full_pool": "full pool",
+}
+METRIC_LABELS = {
+    "acc": "accuracy",
+    "acc_norm": "accuracy (length-normalised)",
+    "exact_match": "exact match",
+    "f1": "F1",
+}
+
+
+def _comparisons(cfg: PipelineConfig) -> list[dict]:
+    """One evaluate ``comparison.json`` per seed: the extra-seed runs when there are any, else this run's."""
+    seeds = sorted((Path(cfg.output_dir) / SEEDS_DIR).glob("*/evaluate/comparison.json"))
+    paths = seeds or [p for p in [Path(cfg.evaluate.output_dir) / "comparison.json"] if p.is_file()]
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def eval_arms(
+    comparisons: list[dict], task: str, metric: str = "acc"
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Per finetune arm (and ``base``): ``task``'s ``metric`` over the seeds' comparisons, as ``{"n",
+    "mean", "se", "values"}`` (``se`` = sample std / sqrt(n), ``None`` for one seed); and the seed count."""
+    values: dict[str, list[float]] = {}
+    for comp in comparisons:
+        for run, tasks in (comp.get("runs") or {}).items():
+            value = (tasks.get(task) or {}).get(metric)
+            if value is not None:
+                values.setdefault(run, []).append(float(value))
+    arms = {}
+    for run, vals in values.items():
+        n = len(vals)
+        se = float(np.std(vals, ddof=1) / np.sqrt(n)) if n > 1 else None
+        arms[run] = {"n": n, "mean": float(np.mean(vals)), "se": se, "values": vals}
+    return arms, len(comparisons)
+
+
+def _pm(arm: dict[str, Any]) -> str:
+    return f"{arm['mean']:.3f}" + (f" ± {arm['se']:.3f}" if arm["se"] is not None else "")
+
+
+def eval_verdict(arms: dict[str, dict[str, Any]]) -> str:
+    """The answer in one sentence: selected vs random (in standard errors of the difference) and vs base."""
+    sel, rnd, base = arms.get("selected"), arms.get("random"), arms.get("base")
+    if not sel or not rnd:
+        return ""
+    diff = sel["mean"] - rnd["mean"]
+    parts = [f"Demo eval accuracy: selected {_pm(sel)} vs random {_pm(rnd)}"]
+    if base:
+        parts.append(f" vs base {_pm(base)}")
+    if sel["se"] is None or rnd["se"] is None:
+        parts.append(
+            f" (one seed, no error bars: benchmarks/demo_seeds.py runs 3); selected - random = {diff:+.3f}."
+        )
+        return "".join(parts)
+    se = float(np.hypot(sel["se"], rnd["se"]))
+    z = diff / se if se > 0 else np.sign(diff) * float("inf")
+    met = diff >= 2 * se and (base is None or min(sel["mean"], rnd["mean"]) > base["mean"])
+    parts.append(
+        f" over {sel['n']} seeds; selected - random = {diff:+.3f} = {z:+.1f} SE of the difference: the target "
+        f"(selected >= random + 2 SE, both above base) is {'met' if met else 'missed'}."
+    )
+    return "".join(parts)
+
+
+def _arms_table(report: Report, arms: dict[str, dict[str, Any]], n_seeds: int) -> None:
+    base = arms.get("base")
+    order = [*RUN_LABELS, *sorted(set(arms) - set(RUN_LABELS))]
+    rows = [
+        [RUN_LABELS.get(run, run), _pm(arms[run]), "" if base is None else f"{arms[run]['mean'] - base['mean']:+.3f}",
+         arms[run]["n"], " ".join(f"{v:.3f}" for v in arms[run]["values"])]
+        for run in order if run in arms
+    ]  # fmt: skip
+    seeds = f"{n_seeds} seeds" if n_seeds > 1 else "1 seed"
+    report.table(
+        f"Did selection help? Demo eval accuracy after a LoRA finetune on each set (mean ± SE, {seeds})",
+        ["finetuned on", "accuracy", "vs base", "seeds", "per seed"],
+        rows,
+    )
+
+
+def _metric_label(column: str) -> str:
+    """``selectmoe_demo/acc_norm`` -> ``selectmoe_demo: accuracy (length-normalised)``."""
+    task, _, metric = column.partition("/")
+    name, _, filt = metric.partition(",")
+    label = METRIC_LABELS.get(name, name.replace("_", " "))
+    return f"{task}: {label}" + (f" ({filt})" if filt else "")
+
+
 def _evaluation(report: Report, cfg: PipelineConfig) -> None:
     path = Path(cfg.evaluate.output_dir) / "comparison.json"
     if not path.is_file():
@@ -346,9 +455,9 @@ def _evaluation(report: Report, cfg: PipelineConfig) -> None:
         ]
     header = sorted({k for r in rows_in for k in r if k != "run"})
     report.table(
-        "Evaluation (lm-eval)",
-        ["run", *header],
-        [[r.get("run"), *[r.get(h) for h in header]] for r in rows_in],
+        "Evaluation (lm-eval, this run)",
+        ["finetuned on", *[_metric_label(h) for h in header]],
+        [[RUN_LABELS.get(r.get("run"), r.get("run")), *[r.get(h) for h in header]] for r in rows_in],
     )
 
 

@@ -88,7 +88,12 @@ def test_demo_eval(tmp_path: Path):
     country = capitals["question"].rstrip("?.").split(" of ")[-1]
     from selectmoe.data.demo_pool import _CAPITALS
 
-    assert capitals["choices"][capitals["answer"]] == dict(_CAPITALS)[country]
+    capital = dict(_CAPITALS)[country]
+    assert capitals["choices"][capitals["answer"]] == (
+        f"The seat of the national government of {country} is {capital}. The answer is {capital}."
+    )
+    # the four choices are the same explanation with different final answers
+    assert len({c.split(" is ")[0] for c in capitals["choices"]}) == 1
 
 
 def test_corruptions_deterministic_and_effective():

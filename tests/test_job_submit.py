@@ -28,6 +28,7 @@ REDUCED_DEMO = [
     "demo.n_clean=240",
     "demo.n_eval=24",
     "demo.pretrain_steps=60",
+    "demo.target_pretrain_steps=20",
     "warmup.epochs=1",
     "warmup.probe_samples=32",
     "select.k_range=[3,6]",

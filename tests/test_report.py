@@ -140,3 +140,48 @@ def test_report_selection_plots_are_the_select_stages(tmp_path):
     assert list(inertia) == [9.0, 6.0, 5.5] and np.isnan(silhouette[1]) and silhouette[2] == 0.3
     means = cluster_sizes_figure([5, 0, 7], [0.4, None, 0.6]).axes[1].lines[0].get_ydata()
     assert means[0] == 0.4 and np.isnan(means[1])
+
+
+def test_report_eval_arms_over_seeds(tmp_path):
+    """Three seeds' comparisons -> mean ± SE per arm on the first screen, and the verdict sentence."""
+    from selectmoe.config import PipelineConfig
+    from selectmoe.report import build_run_report, eval_arms, eval_verdict
+    from selectmoe.stages.evaluate import comparison_rows
+
+    accs = {"base": [0.5, 0.5, 0.5], "selected": [0.70, 0.72, 0.74], "random": [0.60, 0.62, 0.61]}
+    comparisons = []
+    for s in range(3):
+        runs = {run: {"selectmoe_demo": {"acc": v[s], "acc_norm": 0.3}} for run, v in accs.items()}
+        comp = {"runs": runs, "rows": comparison_rows(runs)}
+        comparisons.append(comp)
+        path = tmp_path / "run" / "seeds" / f"seed_{s}" / "evaluate" / "comparison.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(comp))
+    arms, n = eval_arms(comparisons, "selectmoe_demo")
+    assert n == 3 and arms["selected"]["mean"] == pytest.approx(0.72)
+    assert arms["selected"]["se"] == pytest.approx(0.02 / np.sqrt(3))
+    assert arms["base"]["se"] == 0.0
+    verdict = eval_verdict(arms)
+    # difference 0.11 over sqrt(0.02² + 0.01²)/sqrt(3) = 0.0129: 8.5 SE
+    assert "selected 0.720 ± 0.012 vs random 0.610 ± 0.006 vs base 0.500 ± 0.000 over 3 seeds" in verdict
+    assert "selected - random = +0.110 = +8.5 SE of the difference" in verdict and "is met" in verdict
+    one, _ = eval_arms(comparisons[:1], "selectmoe_demo")
+    assert one["selected"]["se"] is None and "one seed, no error bars" in eval_verdict(one)
+    lower = {**arms, "random": {**arms["random"], "mean": 0.45}}  # below base: missed
+    assert "is missed" in eval_verdict(lower)
+
+    router, sel, labels = _demo_run(tmp_path)
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"))
+    cfg.demo.enabled, cfg.demo.dir = True, str(labels.parent)
+    cfg.score.output_dir, cfg.select.output_dir = str(router), str(sel)
+    cfg.evaluate.output_dir = str(tmp_path / "run" / "seeds" / "seed_0" / "evaluate")
+    cfg.data.ingest_dir = cfg.warmup.output_dir = str(tmp_path / "none")
+    build_run_report(cfg)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    sections = md.split("\n## ")
+    assert sections[1].startswith("What the selection achieved") and "is met" in sections[1]
+    assert sections[2].startswith("Did selection help? Demo eval accuracy after a LoRA finetune")
+    assert "| selected (this pipeline) | 0.720 ± 0.012 | +0.220 | 3 | 0.700 0.720 0.740 |" in md
+    assert "| base target, no finetune | 0.500 ± 0.000 | +0.000 | 3 | 0.500 0.500 0.500 |" in md
+    # the per-run lm-eval table has readable column labels, not raw metric keys
+    assert "| finetuned on | selectmoe_demo: accuracy | selectmoe_demo: accuracy (length-normalised) |" in md

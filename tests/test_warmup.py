@@ -30,6 +30,7 @@ def assets(tmp_path_factory):
             vocab_size=512,
             pretrain_steps=60,
             pretrain_batch_size=16,
+            target_pretrain_steps=0,  # the finetune target is not used here
         ),
         seed=0,
     )

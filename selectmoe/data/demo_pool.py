@@ -449,7 +449,11 @@ def build_demo_pool(
 # --------------------------------------------------------------------------- eval
 def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
     """``out_dir/demo_eval.jsonl``: ``{"question", "choices": [4 str], "answer": int, "skill"}`` rows,
-    round-robin over the skills; the clean pool teaches exactly these answers."""
+    round-robin over the skills; the clean pool teaches exactly these answers.
+
+    Each choice is the full explained answer the pool's format uses, ending in one of the four final
+    answers: a bare "42" right after the assistant tag is text the model never sees in training, so its
+    likelihood measures answer-length priors, not the skill (a random-init target scored 0.45 that way)."""
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -458,14 +462,14 @@ def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
     for i in range(n):
         skill = names[i % len(names)]
         item = SKILLS[skill](rng)
-        choices = [item.correct, *item.wrong[:3]]
-        rng.shuffle(choices)
+        finals = [item.correct, *item.wrong[:3]]
+        rng.shuffle(finals)
         lines.append(
             json.dumps(
                 {
                     "question": item.prompt,
-                    "choices": choices,
-                    "answer": choices.index(item.correct),
+                    "choices": [item.explain(v) for v in finals],
+                    "answer": finals.index(item.correct),
                     "skill": skill,
                 },
                 ensure_ascii=False,
