@@ -180,11 +180,12 @@ def test_dump_is_reusable_and_its_paths_follow_a_new_output_dir(tmp_path):
     cfg = load_config(saved, ["output_dir=/other"])
     paths = [(k, v) for k, v in leaves(dataclasses.asdict(cfg)) for v in (v if isinstance(v, list) else [v])]
     paths = [(k, v) for k, v in paths if isinstance(v, str) and v.startswith("/")]
-    assert len(paths) == 26 and [(k, v) for k, v in paths if not f"{v}/".startswith("/other/")] == []
+    assert len(paths) == 27 and [(k, v) for k, v in paths if not f"{v}/".startswith("/other/")] == []
     assert cfg.data.pool == ["/other/demo_assets/pool"] and cfg.warmup.lr == 0.01
     assert cfg.finetune.train_files == {
         "selected": "/other/selection/selected_data.jsonl",
         "random": "/other/selection/selected_random.jsonl",
+        "top_k": "/other/selection/selected_top_k.jsonl",
     }
     assert dataclasses.asdict(load_config(saved)) == dataclasses.asdict(
         load_config("demo", ["warmup.lr=0.01"])
