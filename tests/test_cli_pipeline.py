@@ -55,7 +55,7 @@ def test_stage_table_is_the_contract():
         module, func = stage.runner.split(":")
         assert (module, func) == (f"selectmoe.stages.{stage.name}", f"run_{stage.name}")
         ret = inspect.signature(getattr(importlib.import_module(module), func)).return_annotation
-        assert ret.endswith("Result"), (stage.name, ret)
+        assert ret == f"{stage.name.capitalize()}Result", (stage.name, ret)
     assert {s.name for s in STAGE_TABLE if s.needs_ray} == {
         "warmup",
         "score",

@@ -60,7 +60,7 @@ class AdapterError(ValueError):
 
 
 @dataclass
-class EvalResult:
+class EvaluateResult:
     output_dir: str
     runs: dict[str, dict[str, dict[str, float]]]  # run -> task -> metric -> value
     results_paths: dict[str, str]
@@ -330,7 +330,7 @@ def _use_ray_gpus(cfg: EvaluateConfig) -> bool:
     )
 
 
-def run_evaluate(cfg: EvaluateConfig) -> EvalResult:
+def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     t0 = time.perf_counter()
     if not cfg.tasks:
         raise ValueError("evaluate.tasks is empty")
@@ -385,4 +385,4 @@ def run_evaluate(cfg: EvaluateConfig) -> EvalResult:
         wall_s=wall,
         extra={"mode": mode, "runs": table},
     )
-    return EvalResult(output_dir=str(out_dir), runs=table, results_paths=paths, mode=mode, wall_s=wall)
+    return EvaluateResult(output_dir=str(out_dir), runs=table, results_paths=paths, mode=mode, wall_s=wall)
