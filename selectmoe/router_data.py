@@ -36,6 +36,7 @@ def router_schema(num_layers: int, num_experts: int) -> pa.Schema:
             ("dataset", pa.string()),
             ("n_tokens", pa.int32()),
             ("truncated", pa.bool_()),
+            ("full_tokens", pa.int32()),  # length before truncation: what max_length would keep it whole
             ("quality", pa.float32()),
             ("response_nll", pa.float32()),
             ("sample_nll", pa.float32()),
@@ -65,7 +66,8 @@ class RouterDataWriter:
         self.rows = 0
 
     def write_batch(self, columns: Mapping[str, Any]) -> None:
-        """``columns``: id, dataset (lists of str), n_tokens [B], truncated [B], quality [B] (float),
+        """``columns``: id, dataset (lists of str), n_tokens [B], truncated [B], full_tokens [B] (optional,
+        default n_tokens), quality [B] (float),
         quality_layers [B, L] (float), routing [B, L*E] or [B, L, E] (float); optional
         :data:`NLL_COLUMNS` [B] (float, NaN when absent: not computed)."""
         n = len(columns["id"])
@@ -84,6 +86,9 @@ class RouterDataWriter:
                 "dataset": pa.array([str(x) for x in columns["dataset"]], pa.string()),
                 "n_tokens": pa.array(np.asarray(columns["n_tokens"], dtype=np.int32)),
                 "truncated": pa.array(np.asarray(columns["truncated"], dtype=bool)),
+                "full_tokens": pa.array(
+                    np.asarray(columns.get("full_tokens", columns["n_tokens"]), dtype=np.int32)
+                ),
                 "quality": pa.array(np.asarray(columns["quality"], dtype=np.float32)),
                 **{
                     c: pa.array(np.asarray(columns.get(c, np.full(n, np.nan)), dtype=np.float32))

@@ -153,6 +153,7 @@ def test_score_batch_same_alone_and_padded(artefact):
                 "dataset": ["d"] * len(items),
                 "n_tokens": pa.array([e.n_tokens for e in items], pa.int32()),
                 "truncated": [e.truncated for e in items],
+                "full_tokens": pa.array([e.full_tokens for e in items], pa.int32()),
                 "_shard": ["s"] * len(items),
                 "input_ids": pa.array([e.input_ids for e in items], pa.list_(pa.int32())),
                 "labels": pa.array([e.labels for e in items], pa.list_(pa.int32())),
@@ -259,9 +260,17 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
         assert stored[row["id"]] == pytest.approx(want["response_nll"], abs=1e-5), row["id"]
     # truncation per dataset: counted from the stored flags, in the result and the manifest
     names, want_trunc = np.asarray(data.datasets), {}
+    full = np.concatenate(
+        [pq.read_table(p, columns=["full_tokens"])["full_tokens"].to_numpy() for p in data.shards]
+    )
+    n_tokens = np.asarray(data.n_tokens)
+    assert (full[~data.truncated] == n_tokens[~data.truncated]).all() and (
+        full[data.truncated] > MAX_LENGTH
+    ).all()
     for ds in sorted(set(names)):
         n, t = int((names == ds).sum()), int(data.truncated[names == ds].sum())
-        want_trunc[ds] = {"rows": n, "truncated": t, "share": round(t / n, 4)}
+        keep = int(np.quantile(full[names == ds], 0.9, method="higher"))
+        want_trunc[ds] = {"rows": n, "truncated": t, "share": round(t / n, 4), "keep_length": keep}
     assert res.truncation["datasets"] == manifest["extra"]["truncation"]["datasets"] == want_trunc
     assert manifest["counts"]["truncated"] == int(data.truncated.sum()) > 0
     assert len(res.truncation["warnings"]) == sum(c["share"] > 0.05 for c in want_trunc.values()) > 0

@@ -162,9 +162,10 @@ def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
         "reverse_word": (44, 3), "sorting": (39, 18), "unit_conversion": (36, 1),
     }  # fmt: skip
     assert len(trunc["warnings"]) == 5  # every dataset above 5% truncated, not capitals / unit_conversion
-    assert (
-        trunc["warnings"][-1]
-        == "warmup: 46.2% of sorting rows (18/39) truncated at 96 tokens; the gates train on a prefix"
+    keep = trunc["datasets"]["sorting"]["keep_length"]
+    assert keep > 96 and trunc["warnings"][-1] == (
+        "warmup: 46.2% of sorting rows (18/39) truncated at 96 tokens; the gates train on a prefix "
+        f"(max_length={keep} keeps 90% of them whole)"
     )
     assert sum(c["rows"] for c in trunc["datasets"].values()) == res.n_train_rows
     assert manifest["counts"]["truncated"] == sum(c["truncated"] for c in trunc["datasets"].values())

@@ -77,6 +77,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    full_tokens: int = 0  # the sample's length before truncation (== n_tokens when not truncated)
 
     @property
     def n_tokens(self) -> int:
@@ -142,10 +143,11 @@ class ChatEncoder:
         for i, (_, spans) in enumerate(rendered):
             ids = [int(t) for t in enc["input_ids"][i]]
             labels = self._labels(ids, enc["offset_mapping"][i], enc["special_tokens_mask"][i], spans)
-            truncated = len(ids) > self.spec.max_length
+            full = len(ids)
+            truncated = full > self.spec.max_length
             if truncated:
                 ids, labels = ids[: self.spec.max_length], labels[: self.spec.max_length]
-            out.append(Encoded(input_ids=ids, labels=labels, truncated=truncated))
+            out.append(Encoded(input_ids=ids, labels=labels, truncated=truncated, full_tokens=full))
         return out
 
     def _labels(

@@ -24,6 +24,7 @@ ENCODED_TYPES = {
     "n_tokens": pa.int32(),
     "dataset": pa.string(),
     "truncated": pa.bool_(),
+    "full_tokens": pa.int32(),
 }
 
 
@@ -50,8 +51,8 @@ def _messages_column(table: pa.Table) -> list[list[dict[str, Any]]]:
 
 
 class EncodeBatch:
-    """The encoder over a pyarrow batch (use it through :func:`encode_rows`): adds ``input_ids``/``labels`` (``list<int32>``), ``n_tokens`` (int32) and
-    ``truncated`` (bool) to every batch, keeping all other columns. The tokenizer is loaded once per instance.
+    """The encoder over a pyarrow batch (use it through :func:`encode_rows`): adds ``input_ids``/``labels`` (``list<int32>``), ``n_tokens`` (int32),
+    ``truncated`` (bool) and ``full_tokens`` (int32, the length before truncation) to every batch, keeping all other columns. The tokenizer is loaded once per instance.
     """
 
     def __init__(self, tokenizer_dir: str, spec: Mapping[str, Any] | EncodingSpec | None = None):
@@ -68,6 +69,7 @@ class EncodeBatch:
             "labels": pa.array([e.labels for e in encoded], type=ENCODED_TYPES["labels"]),
             "n_tokens": pa.array([e.n_tokens for e in encoded], type=ENCODED_TYPES["n_tokens"]),
             "truncated": pa.array([e.truncated for e in encoded], type=ENCODED_TYPES["truncated"]),
+            "full_tokens": pa.array([e.full_tokens for e in encoded], type=ENCODED_TYPES["full_tokens"]),
         }
         for name, arr in new.items():
             idx = table.schema.get_field_index(name)

@@ -13,35 +13,35 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
 # Above this share of a dataset's rows truncated, the stage warns (a few over-long outliers do not).
 WARN_SHARE = 0.05
+KEEP_SHARE = 0.9  # the warning names the max_length that keeps this share of the dataset's rows whole
+TRUNCATION_COLUMNS = ("dataset", "truncated", "full_tokens")
 
 
 def truncation_summary(
     stage: str, tables: Sequence[pa.Table], max_length: int, *, effect: str
 ) -> dict[str, Any]:
-    """``{"max_length", "datasets": {name: {"rows", "truncated", "share"}}, "warnings": [...]}`` of tables
-    with ``dataset`` and ``truncated`` columns (a stage's shards or blocks; none = no datasets); logs each
-    warning. ``effect``: what a truncated row means for this stage (e.g. "their scores describe a prefix")."""
-    grouped = {"dataset": [], "truncated_count": [], "truncated_sum": []}
+    """``{"max_length", "datasets": {name: {"rows", "truncated", "share", "keep_length"}}, "warnings"}`` of
+    tables with :data:`TRUNCATION_COLUMNS` (a stage's shards or blocks; none = no datasets); logs each
+    warning. ``keep_length``: the ``max_length`` that would keep :data:`KEEP_SHARE` of the dataset's rows
+    whole. ``effect``: what a truncated row means for this stage (e.g. "their scores describe a prefix")."""
+    datasets: dict[str, dict[str, Any]] = {}
     if tables:
-        flags = pa.concat_tables([t.select(["dataset", "truncated"]) for t in tables])
-        grouped = (
-            flags.group_by("dataset").aggregate([("truncated", "count"), ("truncated", "sum")]).to_pydict()
-        )
-    datasets = {}
-    for name, rows, cut in zip(
-        grouped["dataset"],
-        grouped["truncated_count"],
-        grouped["truncated_sum"],
-        strict=True,
-    ):
-        datasets[name] = {"rows": int(rows), "truncated": int(cut or 0), "share": round((cut or 0) / rows, 4)}
-    datasets = dict(sorted(datasets.items()))
+        flags = pa.concat_tables([t.select(list(TRUNCATION_COLUMNS)) for t in tables])
+        names = flags.column("dataset").to_numpy(zero_copy_only=False)
+        cut = flags.column("truncated").to_numpy(zero_copy_only=False)
+        full = flags.column("full_tokens").to_numpy()
+        for name in sorted(set(names.tolist())):
+            rows = names == name
+            n, k = int(rows.sum()), int(cut[rows].sum())
+            keep = int(np.ceil(np.quantile(full[rows], KEEP_SHARE, method="higher")))
+            datasets[name] = {"rows": n, "truncated": k, "share": round(k / n, 4), "keep_length": keep}
     return {
         "max_length": int(max_length),
         "datasets": datasets,
@@ -54,7 +54,8 @@ def truncation_warnings(
 ) -> list[str]:
     """One line per dataset whose truncated share exceeds :data:`WARN_SHARE`, each also logged."""
     lines = [
-        f"{stage}: {c['share']:.1%} of {name} rows ({c['truncated']}/{c['rows']}) truncated at {max_length} tokens; {effect}"
+        f"{stage}: {c['share']:.1%} of {name} rows ({c['truncated']}/{c['rows']}) truncated at {max_length} "
+        f"tokens; {effect} (max_length={c['keep_length']} keeps {KEEP_SHARE:.0%} of them whole)"
         for name, c in datasets.items()
         if c["rows"] and c["truncated"] / c["rows"] > WARN_SHARE
     ]
@@ -63,4 +64,4 @@ def truncation_warnings(
     return lines
 
 
-__all__ = ["WARN_SHARE", "truncation_summary", "truncation_warnings"]
+__all__ = ["KEEP_SHARE", "TRUNCATION_COLUMNS", "WARN_SHARE", "truncation_summary", "truncation_warnings"]

@@ -28,7 +28,7 @@ from selectmoe.scoring.records import shard_name
 from selectmoe.scoring.scorer import SHARD_COLUMN, RouterScorer
 
 _PASS_COLUMNS = (
-    "id", "dataset", "n_tokens", "truncated", "input_ids", "labels", "response_labels",
+    "id", "dataset", "n_tokens", "truncated", "full_tokens", "input_ids", "labels", "response_labels",
     "answer_input_ids", "answer_labels", SHARD_COLUMN,
 )  # fmt: skip
 

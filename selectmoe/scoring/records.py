@@ -23,7 +23,7 @@ from selectmoe.scoring.model import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-SCORE_FORMAT_VERSION = 2  # 2: response_nll, sample_nll, ifd columns
+SCORE_FORMAT_VERSION = 3  # 2: response_nll, sample_nll, ifd columns; 3: full_tokens
 DONE_SUFFIX = ".done.json"
 
 

@@ -92,6 +92,7 @@ class RouterScorer:
                 "dataset": batch.column("dataset"),
                 "n_tokens": pc.cast(batch.column("n_tokens"), pa.int32()),
                 "truncated": batch.column("truncated"),
+                "full_tokens": pc.cast(batch.column("full_tokens"), pa.int32()),
                 SHARD_COLUMN: batch.column(SHARD_COLUMN),
                 "quality": pa.array(stats["quality"].astype(np.float32)),
                 "response_nll": pa.array(stats["response_nll"].astype(np.float32)),

@@ -104,6 +104,7 @@ def _columns(table: pa.Table, num_layers: int, width: int) -> dict[str, Any]:
         "dataset": table.column("dataset").to_pylist(),
         "n_tokens": table.column("n_tokens").to_numpy(),
         "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
+        "full_tokens": table.column("full_tokens").to_numpy(),
         **{c: table.column(c).to_numpy() for c in ("quality", "response_nll", "sample_nll", "ifd")},
         "quality_layers": fixed("quality_layers", num_layers),
         "routing": fixed("routing", width),

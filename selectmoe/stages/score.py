@@ -38,7 +38,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from selectmoe.config import ScoreConfig
-from selectmoe.data.truncation import truncation_summary
+from selectmoe.data.truncation import TRUNCATION_COLUMNS, truncation_summary
 from selectmoe.manifest import read_manifest, write_manifest
 from selectmoe.router_data import SHARD_DIR, RouterDataWriter
 from selectmoe.scoring.dataset import build_score_dataset, read_encoding_spec
@@ -141,7 +141,7 @@ def run_score(
     pipe_s = time.perf_counter() - t_pipe
 
     total_rows = sum(inputs[n]["rows"] for n in names)
-    flags = [pq.read_table(out_path(out_dir, n), columns=["dataset", "truncated"]) for n in sorted(names)]
+    flags = [pq.read_table(out_path(out_dir, n), columns=list(TRUNCATION_COLUMNS)) for n in sorted(names)]
     truncation = truncation_summary(
         "score", flags, int(encoding["max_length"]), effect="their scores describe a prefix"
     )

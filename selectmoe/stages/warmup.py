@@ -208,7 +208,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
     from selectmoe.data.encoding import EncodingSpec
     from selectmoe.data.ingest import iter_ingested_records, list_shards
     from selectmoe.data.ray_io import encode_rows, read_ingested
-    from selectmoe.data.truncation import truncation_summary
+    from selectmoe.data.truncation import TRUNCATION_COLUMNS, truncation_summary
     from selectmoe.manifest import write_manifest
     from selectmoe.model import export_trainable, save_selector
     from selectmoe.ray_utils import resolve_use_gpu
@@ -247,7 +247,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
             fn_kwargs={
                 "tokenizer_dir": str(cfg.model_dir),
                 "spec": spec_enc.to_dict(),
-                "columns": ["input_ids", "labels", "n_tokens", "dataset", "truncated"],
+                "columns": ["input_ids", "labels", "n_tokens", "dataset", "truncated", "full_tokens"],
                 "keep": row_filter.keep,
             },
             batch_format="pyarrow",
@@ -255,7 +255,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         )
         .materialize()  # encoded once: every worker reads all of it (the loop's global shuffle)
     )
-    flags = ds.select_columns(["dataset", "truncated"]).to_arrow_refs()
+    flags = ds.select_columns(list(TRUNCATION_COLUMNS)).to_arrow_refs()
     truncation = truncation_summary(
         "warmup", ray.get(flags), spec_enc.max_length, effect="the gates train on a prefix"
     )
