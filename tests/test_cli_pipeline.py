@@ -90,7 +90,7 @@ def test_a_stage_without_its_inputs_fails_before_ray_and_creates_nothing(tmp_pat
         f"finetune: needs the base model at {run}/demo_assets/tiny_target (set finetune.base_model)",
         *(
             f"finetune: needs the selection at {run}/selection/{name} (run: selectmoe run CONFIG --only select)"
-            for name in ("selected_data.jsonl", "selected_random.jsonl")
+            for name in ("selected_data.jsonl", "selected_random.jsonl", "selected_top_k.jsonl")
         ),
     ]
     assert not run.exists()
