@@ -1,6 +1,7 @@
 """Selection quality on a finished demo run: every scorer x policy against the demo's hidden labels.
 
-    python benchmarks/selection_quality.py /tmp/demo16-1 [--k K] [--floors 0.3 0.5] [--scorers gate ...]
+    python benchmarks/selection_quality.py /tmp/demo16-1 [--k K] [--floors 0.3 0.5] [--scorers gate ...] \
+        [--rank-within dataset pool]
 
 Reuses the run's router data (no rescoring): for each scorer (``select.score``) and policy it reruns
 ``run_select`` with the run's chosen k fixed (one k-means fit per call, no sweep; same seed), then prints
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="clusters (default: the run's chosen k)")
     ap.add_argument("--floors", type=float, nargs="*", default=[0.5], help="quality_floor values to try")
     ap.add_argument("--scorers", nargs="*", help="scorers to rank by (default: every one with values)")
+    ap.add_argument(
+        "--rank-within", nargs="*", default=["dataset", "pool"], help="select.rank_within values to try"
+    )
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args()
 
@@ -47,23 +51,27 @@ def main() -> None:
     print(markdown_table(["scorer", "AUC overall", *kinds], aucs))
     rows = []
     with tempfile.TemporaryDirectory(prefix="selq-") as tmp:
-        for score in scorers:
-            for policy in POLICIES:
-                for floor in args.floors if policy == "quality_round_robin" else [None]:
-                    out = Path(tmp) / f"{score}-{policy}-{floor}"
-                    sel = dataclasses.replace(
-                        cfg.select, output_dir=str(out), k=k, score=score, policy=policy, plots=False,
-                        baselines=["random"], quality_floor=floor or cfg.select.quality_floor,
-                    )  # fmt: skip
-                    run_select(sel)
-                    fig = demo_figures(cfg.score.output_dir, out, labels)
-                    s, r = fig["sets"]["selected"], fig["sets"]["random"]
-                    rows.append(
-                        {"score": score, "policy": policy, "floor": floor, **s, "random": r["bad_share"]}
-                    )
-    header = ["score", "policy", "floor", "bad share", "x pool", "random", "clusters covered", "entropy_norm"]
+        for within in args.rank_within:
+            for score in scorers:
+                for policy in POLICIES:
+                    for floor in args.floors if policy == "quality_round_robin" else [None]:
+                        out = Path(tmp) / f"{within}-{score}-{policy}-{floor}"
+                        sel = dataclasses.replace(
+                            cfg.select, output_dir=str(out), k=k, score=score, policy=policy, plots=False,
+                            baselines=["random"], quality_floor=floor or cfg.select.quality_floor,
+                            rank_within=within,
+                        )  # fmt: skip
+                        run_select(sel)
+                        fig = demo_figures(cfg.score.output_dir, out, labels)
+                        s, r = fig["sets"]["selected"], fig["sets"]["random"]
+                        row = {"within": within, "score": score, "policy": policy, "floor": floor}
+                        rows.append({**row, **s, "random": r["bad_share"]})
+    header = [
+        "ranked within", "score", "policy", "floor", "bad share", "x pool", "random", "clusters covered",
+        "entropy_norm",
+    ]  # fmt: skip
     cells = [
-        [r["score"], r["policy"], r["floor"] or "", f"{r['bad_share']:.3f}", f"{r['vs_pool']:.2f}",
+        [r["within"], r["score"], r["policy"], r["floor"] or "", f"{r['bad_share']:.3f}", f"{r['vs_pool']:.2f}",
          f"{r['random']:.3f}", f"{r['clusters_covered']}/{r['clusters']}", f"{r['entropy_norm']:.3f}"]
         for r in rows
     ]  # fmt: skip

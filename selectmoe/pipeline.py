@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selectmoe.code_version import code_version
 from selectmoe.config import PipelineConfig
 from selectmoe.eval_tasks import check_eval_tasks_offline
 from selectmoe.manifest import MANIFEST_NAME, config_hash, read_manifest, write_manifest
@@ -76,7 +77,10 @@ def stage_key(cfg: PipelineConfig, stage: str) -> str:
     upstream = {
         u: _manifest_digest(stage_dir(cfg, u)) for u in STAGES_BY_NAME[stage].upstream if _runs(cfg, u)
     }
-    return config_hash({"stage": stage, "config": _stage_config(cfg, stage), "upstream": upstream})
+    code = code_version(STAGES_BY_NAME[stage].runner.split(":")[0])
+    return config_hash(
+        {"stage": stage, "config": _stage_config(cfg, stage), "upstream": upstream, "code": code}
+    )
 
 
 def _runs(cfg: PipelineConfig, stage: str) -> bool:

@@ -253,7 +253,7 @@ def demo_figures(router_dir: str | Path, select_dir: str | Path, labels_path: st
     pool's) and the cluster diversity ``select`` recorded. Every router-data id must have a label."""
     from selectmoe.demo import read_demo_labels
     from selectmoe.router_data import load_router_data
-    from selectmoe.selection.scorers import scorer_aucs
+    from selectmoe.selection.scorers import rank_groups, scorer_aucs
 
     labels = read_demo_labels(labels_path)
     rd = load_router_data(router_dir)
@@ -267,6 +267,8 @@ def demo_figures(router_dir: str | Path, select_dir: str | Path, labels_path: st
     sel_path = Path(select_dir) / "selection.json"
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
     sets = {}
+    dataset_of = dict(zip(rd.ids, rd.datasets, strict=True))
+    n_datasets = len(set(rd.datasets))
     for path in sorted(Path(select_dir).glob("selected*.jsonl")):
         name = SET_NAMES.get(path.stem, path.stem.removeprefix("selected_"))
         ids = [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
@@ -275,16 +277,31 @@ def demo_figures(router_dir: str | Path, select_dir: str | Path, labels_path: st
             "n": len(ids),
             "bad_share": bad,
             "vs_pool": bad / pool_bad if pool_bad else float("nan"),
+            "dataset_entropy_norm": _entropy_norm([dataset_of[i] for i in ids], n_datasets),
             **(sel.get("diversity") or {}).get(name, {}),
         }
     return {
-        "pool": {"n": len(kinds), "bad_share": pool_bad},
+        "pool": {
+            "n": len(kinds),
+            "bad_share": pool_bad,
+            "dataset_entropy_norm": _entropy_norm(rd.datasets, n_datasets),
+        },
         "sets": sets,
-        "scorers": scorer_aucs(rd, kinds),
+        "scorers": scorer_aucs(rd, kinds, groups=rank_groups(rd, sel.get("rank_within", "pool"))),
+        "rank_within": sel.get("rank_within", "pool"),
         "chosen_k": sel.get("chosen_k"),
         "score": sel.get("score"),
         "policy": sel.get("policy"),
     }
+
+
+def _entropy_norm(values: list[str], n_kinds: int) -> float:
+    """Entropy of the mix of ``values`` / ln(``n_kinds``): 1 = even over all kinds, 0 = one kind."""
+    if n_kinds < 2 or not values:
+        return 0.0
+    _, counts = np.unique(np.asarray(values, dtype=object), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum() / np.log(n_kinds))
 
 
 SCORER_LABELS = {
@@ -293,8 +310,12 @@ SCORER_LABELS = {
     "sample_nll": "whole-sample perplexity",
     "ifd": "IFD (answer NLL with / without its question)",
     "gate_ppl_rank": "rank average gate + response perplexity",
-    "nll_ifd_min": "worse rank of response perplexity, IFD",
+    "nll_ifd_min": "worse rank of response perplexity and IFD",
 }
+
+
+def _auc(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"
 
 
 def _answer(report: Report, cfg: PipelineConfig) -> None:
@@ -317,32 +338,51 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
             f"Known-bad share: selected {chosen['bad_share']:.3f} vs pool {pool['bad_share']:.3f} vs random "
             f"{rnd.get('bad_share', float('nan')):.3f} ({chosen['vs_pool']:.2f}x the pool), "
             f"{chosen.get('clusters_covered', '?')}/{chosen.get('clusters', '?')} clusters covered, "
-            f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}, "
-            f"policy {fig['policy']}.",
+            f"k = {fig['chosen_k']}; ranked by {SCORER_LABELS.get(fig['score'], fig['score'])}"
+            f"{' (within each dataset)' if fig['rank_within'] == 'dataset' else ''}, policy {fig['policy']}.",
         ]
+        ranked = fig["scorers"].get(fig["score"])
+        if ranked:
+            worst = min((k for k in ranked if k != "overall"), key=ranked.get)
+            lines.append(
+                f"Its score separates clean from known-bad rows with AUC {ranked['overall']:.3f} "
+                f"(weakest kind: {worst} {ranked[worst]:.3f}; every scorer below)."
+            )
         report.items("What the selection achieved", [*lines, *([eval_verdict(arms)] if arms else [])])
     if arms:
         _arms_table(report, arms, n_files)
-    rows = [["pool", pool["n"], f"{pool['bad_share']:.3f}", "1.00", None, None]]
+    rows = [
+        [
+            "pool",
+            pool["n"],
+            f"{pool['bad_share']:.3f}",
+            "1.00",
+            None,
+            None,
+            f"{pool['dataset_entropy_norm']:.2f}",
+        ]
+    ]
     for name, v in sets.items():
         label = f"selected: {fig['policy']}" if name == "selected" else RUN_LABELS.get(name, name)
         entropy = v.get("entropy_norm")
         rows.append(
             [label, v["n"], f"{v['bad_share']:.3f}", f"{v['vs_pool']:.2f}",
              f"{v.get('clusters_covered', '')}/{v.get('clusters', '')}",
-             None if entropy is None else f"{entropy:.2f}"]
+             None if entropy is None else f"{entropy:.2f}", f"{v['dataset_entropy_norm']:.2f}"]
         )  # fmt: skip
     report.table(
         "Known-bad share and diversity per selection (demo labels, hidden from the pipeline)",
-        ["set", "samples", "known-bad share", "x pool", "clusters covered", "cluster-mix entropy (1 = even)"],
+        ["set", "samples", "known-bad share", "x pool", "clusters covered", "cluster-mix entropy (1 = even)",
+         "dataset-mix entropy (1 = even)"],
         rows,
-    )
+    )  # fmt: skip
     kinds = sorted({k for v in fig["scorers"].values() for k in v if k != "overall"})
+    within = " (each row ranked among its own dataset's)" if fig["rank_within"] == "dataset" else ""
     report.table(
-        "Scorer AUC, clean vs known-bad, whole pool (1 = perfect, 0.5 = chance)",
+        f"Scorer AUC, clean vs known-bad, whole pool{within} (1 = perfect, 0.5 = chance)",
         ["scorer", "overall", *kinds],
         [
-            [SCORER_LABELS.get(n, n), v["overall"], *[v.get(k) for k in kinds]]
+            [SCORER_LABELS.get(n, n), *[_auc(v.get(k)) for k in ("overall", *kinds)]]
             for n, v in fig["scorers"].items()
         ],
     )

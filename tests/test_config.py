@@ -94,13 +94,17 @@ def test_warmup_and_finetune_share_one_training_config_the_loop_takes_as_is():
 
 def test_select_score_and_policy_validated_and_seed_preset():
     gate = load_config("select_moe_gate", [*_PATHS, "output_dir=/tmp/run"]).select
-    assert (gate.score, gate.policy) == ("gate", "round_robin")
+    assert (gate.score, gate.policy, gate.rank_within) == ("gate", "round_robin", "pool")
     default = load_config("demo", ["output_dir=/tmp/run"]).select
-    assert (default.score, default.policy) == ("response_nll", "quality_round_robin")
+    assert (default.score, default.policy, default.rank_within) == (
+        "nll_ifd_min", "quality_round_robin", "dataset",
+    )  # fmt: skip
     with pytest.raises(ValueError, match=r"select\.score=.ppl. is not one of"):
         load_config("demo", ["output_dir=/tmp/run", "select.score=ppl"])
     with pytest.raises(ValueError, match=r"select\.score=ifd needs score\.ifd=true"):
-        load_config("demo", ["output_dir=/tmp/run", "select.score=ifd"])
+        load_config("demo", ["output_dir=/tmp/run", "select.score=ifd", "score.ifd=false"])
+    with pytest.raises(ValueError, match=r"select\.rank_within"):
+        load_config("demo", ["output_dir=/tmp/run", "select.rank_within=cluster"])
     with pytest.raises(ValueError, match=r"select\.quality_floor"):
         load_config("demo", ["output_dir=/tmp/run", "select.quality_floor=0"])
     with pytest.raises(ValueError, match=r"select\.baselines: unknown policy"):

@@ -105,12 +105,15 @@ def test_probe_uses_the_scoring_definition(selector_dir):
 
     cols = score_messages_all(model, enc, [it["messages"] for it in items])
     clean = np.array([it["kind"] == "clean" for it in items])
-    assert set(result["scorers"]) == {"gate", "response_nll", "sample_nll", "gate_ppl_rank"}
+    assert set(result["scorers"]) == {
+        "gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min",
+    }  # fmt: skip
     assert result["probe_auc"] == result["scorers"]["gate"]["overall"]
     assert result["probe_auc"] == pytest.approx(roc_auc_score(clean, cols["quality"]))
     assert result["scorers"]["response_nll"]["overall"] == pytest.approx(
         roc_auc_score(clean, -cols["response_nll"])
     )
+    assert result["scorers"]["ifd"]["overall"] == pytest.approx(roc_auc_score(clean, -cols["ifd"]))
     noise = clean | np.array([it["kind"] == "noise" for it in items])
     assert result["scorers"]["sample_nll"]["noise"] == pytest.approx(
         roc_auc_score(clean[noise], -cols["sample_nll"][noise])

@@ -51,7 +51,7 @@ def test_demo_figures_values(tmp_path):
 
     router, sel, labels = _demo_run(tmp_path)
     fig = demo_figures(router, sel, labels)
-    assert fig["pool"] == {"n": 8, "bad_share": 0.5}
+    assert fig["pool"] == {"n": 8, "bad_share": 0.5, "dataset_entropy_norm": 0.0}  # one dataset
     assert fig["sets"]["selected"]["bad_share"] == 0.0 and fig["sets"]["selected"]["clusters_covered"] == 2
     assert fig["sets"]["random"]["bad_share"] == 0.5 and fig["sets"]["random"]["vs_pool"] == 1.0
     assert fig["sets"]["random"]["coverage"] == 0.5
@@ -61,7 +61,13 @@ def test_demo_figures_values(tmp_path):
     )
     # gate: clean {.9,.5,.7,.4} vs noise {.2,.8}: 2+1+1+1 = 5/8; vs truncate {.6,.3}: 2+1+2+1 = 6/8
     assert fig["scorers"]["gate"] == pytest.approx({"overall": 11 / 16, "noise": 5 / 8, "truncate": 6 / 8})
-    assert (fig["chosen_k"], fig["score"]) == (2, "response_nll")
+    assert (fig["chosen_k"], fig["score"], fig["rank_within"]) == (2, "response_nll", "pool")
+    # ranked within datasets as select did: one dataset here, so the same AUCs
+    info = json.loads((sel / "selection.json").read_text())
+    (sel / "selection.json").write_text(json.dumps({**info, "rank_within": "dataset"}))
+    within = demo_figures(router, sel, labels)
+    assert within["rank_within"] == "dataset" and within["scorers"].keys() == fig["scorers"].keys()
+    assert all(within["scorers"][name] == pytest.approx(v) for name, v in fig["scorers"].items())
     # an id without a label is an error, not a silent "clean"
     labels.write_text(labels.read_text().split("\n", 1)[1])
     with pytest.raises(ValueError, match="no label for 1 router-data ids"):
@@ -109,7 +115,10 @@ def test_report_leads_with_the_answer(tmp_path):
     assert (
         "selected 0.000 vs pool 0.500 vs random 0.500 (0.00x the pool), 2/2 clusters covered, k = 2" in first
     )
-    assert "| response perplexity (selector NLL) | 0.9375 | 1 | 0.875 |" in md
+    assert (
+        "Its score separates clean from known-bad rows with AUC 0.938 (weakest kind: truncate 0.875" in first
+    )
+    assert "| response perplexity (selector NLL) | 0.938 | 1.000 | 0.875 |" in md
     # the warmup probe in readable rows: scorer, before, after
     assert "## Warmup probe: AUC of 8 held-out clean samples vs their corrupted twins" in md
     assert "| quality gate (seed method) | 0.4 | 0.6 |" in md
@@ -185,3 +194,12 @@ def test_report_eval_arms_over_seeds(tmp_path):
     assert "| base target, no finetune | 0.500 ± 0.000 | +0.000 | 3 | 0.500 0.500 0.500 |" in md
     # the per-run lm-eval table has readable column labels, not raw metric keys
     assert "| finetuned on | selectmoe_demo: accuracy | selectmoe_demo: accuracy (length-normalised) |" in md
+
+
+def test_dataset_mix_entropy_by_hand():
+    from selectmoe.report import _entropy_norm
+
+    assert _entropy_norm(["a", "a", "b", "b"], 2) == pytest.approx(1.0)
+    # p = (3/4, 1/4): -(.75 ln .75 + .25 ln .25) / ln 2 = 0.8113
+    assert _entropy_norm(["a", "a", "a", "b"], 2) == pytest.approx(0.811278, abs=1e-6)
+    assert _entropy_norm(["a", "a"], 4) == 0.0 and _entropy_norm([], 3) == 0.0

@@ -251,9 +251,13 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
     shard = list_shards(cfg.ingest_dir)[0]
     pool_rows = pq.read_table(shard, columns=["id", "messages"]).to_pylist()
     stored = dict(zip(data.ids, data.response_nll.tolist()))
+    stored_ifd = dict(zip(data.ids, data.ifd.tolist()))  # score.ifd is on by default
     for row in pool_rows[:3]:
-        want = hf_loss(json.loads(row["messages"]), "assistant_only")
+        messages = json.loads(row["messages"])
+        want = hf_loss(messages, "assistant_only")
         assert stored[row["id"]] == pytest.approx(want, abs=1e-5)
+        answer = hf_loss([m for m in messages if m["role"] == "assistant"], "assistant_only")
+        assert stored_ifd[row["id"]] == pytest.approx(want / answer, rel=1e-5)
     # every stored quality / response NLL of a shard == score_batch run directly on that id alone
     direct = _direct_score_batch(artefact)
     quality = dict(zip(data.ids, data.quality.tolist()))
@@ -281,7 +285,7 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
         == sum(c["share"] > 0.05 for c in want_trunc.values())
         == PINNED_WARNINGS
     )
-    assert np.isnan(data.ifd).all()  # score.ifd is off by default: no extra pass, NaN stored
+    assert np.isfinite(data.ifd).all()
     # the selector's EncodingSpec (max_length=40) was used: lengths capped and truncation flagged
     assert data.n_tokens.max() <= MAX_LENGTH and data.truncated.any() and not data.truncated.all()
     assert np.all(data.n_tokens[data.truncated] == MAX_LENGTH)

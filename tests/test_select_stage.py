@@ -73,6 +73,7 @@ def _cfg(router, pool, out, **kw):
         plots=False,
         score="gate",  # these router shards carry only the gate score
         policy="round_robin",
+        rank_within="pool",  # the raw gate value is each row's `scores` (one dataset: same order either way)
     )
     base.update(kw)
     return SelectConfig(**base)

@@ -165,3 +165,19 @@ def test_scorer_values_and_aucs_by_hand():
     cols["ifd"] = np.array([0.6, 0.9, 0.7, 1.2, 1.1])  # ranks of -ifd: [5, 3, 4, 1, 2] / 5
     assert scorer_values(cols, "nll_ifd_min").tolist() == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.4])
     assert "nll_ifd_min" in available_scorers(cols) and "ifd" in available_scorers(cols)
+    # ranked within groups: each value is its percentile (rank - 0.5) / n among its own group's rows
+    groups = ["a", "a", "b", "b", "b"]
+    assert scorer_values(cols, "response_nll", groups=groups).tolist() == pytest.approx(
+        [0.75, 0.25, 1.5 / 3, 0.5 / 3, 2.5 / 3]
+    )
+    # a combination takes each part's within-group percentile: -ifd gives [.75, .25 | 2.5/3, .5/3, 1.5/3]
+    assert scorer_values(cols, "nll_ifd_min", groups=groups).tolist() == pytest.approx(
+        [0.75, 0.25, 1.5 / 3, 0.5 / 3, 1.5 / 3]
+    )
+    # a one-row group sits at the median, not at the top
+    assert scorer_values(cols, "gate", groups=["a", "a", "a", "a", "solo"])[4] == 0.5
+    assert scorer_aucs(cols, kinds, groups=groups)["response_nll"] == pytest.approx(
+        {"overall": 3 / 6, "x": 0.75, "y": 0.0}
+    )
+    with pytest.raises(ValueError, match="4 groups for 5 rows"):
+        scorer_values(cols, "gate", groups=groups[:4])

@@ -11,7 +11,7 @@ and reports
   ``P(score(clean) > score(corrupt)) + 0.5 * P(tie)``;
 - ``per_corruption[kind]``: the same AUC of all clean vs that corruption's twins;
 - ``paired_win_rate``: the share of (clean, its own twin) pairs the clean sample wins (ties 0.5);
-- ``scorers[name]``: every scorer's AUC (gate, response/sample NLL of the same pass, their rank average),
+- ``scorers[name]``: every scorer's AUC (gate, response/sample NLL of the same pass, IFD, and the combinations),
   overall and per corruption, so the gate is judged next to the free perplexity baseline.
 
 0.5 = no signal; 1.0 = every clean sample scores above every corrupted one.
@@ -49,22 +49,24 @@ def build_probe_set(records: Sequence[Mapping[str, Any]], *, seed: int) -> list[
 
 
 def score_messages_all(model, encoder, conversations, *, batch_size: int = 16) -> dict[str, np.ndarray]:
-    """Every stored per-sample score of ``conversations`` (``quality``, ``response_nll``, ``sample_nll``):
-    THE scoring function, batched by length, response labels from the same text as the score stage."""
+    """Every stored per-sample score of ``conversations`` (``quality``, ``response_nll``, ``sample_nll``,
+    ``ifd``): THE scoring function, batched by length, response labels from the same text as the score
+    stage, and IFD's answer-only pass as the score stage runs it with ``score.ifd=true``."""
     import torch
 
     from selectmoe.data.encoding import ChatEncoder, pad_batch
-    from selectmoe.scoring.model import response_spec, score_batch
+    from selectmoe.scoring.model import answer_only_nll, assistant_only, response_spec, score_batch
 
     conversations = list(conversations)
     encoded = encoder.encode_many(conversations)
-    response = ChatEncoder(encoder.tokenizer, response_spec(encoder.spec.to_dict())).encode_many(
-        conversations
-    )
+    response_encoder = ChatEncoder(encoder.tokenizer, response_spec(encoder.spec.to_dict()))
+    response = response_encoder.encode_many(conversations)
+    answers = response_encoder.encode_many([assistant_only(c) for c in conversations])
     scope = getattr(model.config, "quality_token_scope", "all")
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k].input_ids))
-    out = {c: np.zeros(len(encoded), dtype=np.float64) for c in ("quality", "response_nll", "sample_nll")}
+    columns = ("quality", "response_nll", "sample_nll")
+    out = {c: np.zeros(len(encoded), dtype=np.float64) for c in (*columns, "ifd")}
     pad_id = encoder.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = encoder.tokenizer.eos_token_id
@@ -77,8 +79,13 @@ def score_messages_all(model, encoder, conversations, *, batch_size: int = 16) -
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"], scope=scope,
                 response_labels=resp,
             )  # fmt: skip
-        for c in out:
+            answer = {k: v.to(device) for k, v in pad_batch([answers[k] for k in idx], pad_id).items()}
+            answer_nll = answer_only_nll(
+                model, answer["input_ids"], answer["attention_mask"], answer["labels"]
+            )
+        for c in columns:
             out[c][idx] = stats[c]
+        out["ifd"][idx] = stats["response_nll"] / answer_nll
     return out
 
 
@@ -96,7 +103,6 @@ def probe(model, encoder, items: Sequence[Mapping[str, Any]], *, batch_size: int
     from selectmoe.selection.scorers import scorer_aucs
 
     columns = score_messages_all(model, encoder, [it["messages"] for it in items], batch_size=batch_size)
-    columns["ifd"] = np.full(len(items), np.nan)
     scores = columns["quality"]
     kinds = np.array([it["kind"] for it in items])
     pairs = np.array([it["pair"] for it in items])

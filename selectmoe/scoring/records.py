@@ -110,9 +110,13 @@ def remove_orphans(out_dir: Path, names: set[str]) -> None:
 def model_fingerprint(
     model_dir: str, encoding: Mapping[str, Any], dtype: str, use_gpu: bool, *, ifd: bool = False
 ) -> str:
-    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype, IFD pass)."""
+    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype, IFD pass) +
+    the score stage's code version (a changed scoring function rescores every shard)."""
+    from selectmoe.code_version import code_version
+
     fp = fingerprint(model_dir)
     payload = {
+        "code": code_version("selectmoe.stages.score"),
         "model": fp["sha256"],
         "encoding": dict(encoding),
         "dtype": str(resolve_dtype(dtype, use_gpu)),

@@ -14,6 +14,12 @@ the base model's mean token NLL of the response (``response_nll``) and of the wh
 | ``nll_ifd_min`` | the lower of the normalised ranks of ``response_nll`` and ``ifd`` | a sample is as good as its worse view: perplexity catches garbled answers, IFD answers that do not fit their question (``score.ifd=true``) |
 
 A missing value (NaN: no response token inside the window, IFD not computed) ranks last, never dropped.
+
+``groups`` (``select.rank_within=dataset``: each row's ``dataset``) turns every value into its percentile
+among the rows of its own group (``(rank - 0.5) / n``; a one-row group sits at the median). Why: sources differ in how predictable a good answer is (an
+arithmetic answer's numbers are harder to predict than a capital's name), so one pool-wide perplexity
+scale ranks whole sources below the bad rows of easier ones and a quality floor cuts skills, not bad rows;
+against its own source a bad row still stands out (demo figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -50,17 +56,47 @@ def _norm_rank(values: np.ndarray) -> np.ndarray:
     return rankdata(_worst_for_nan(values)) / max(len(values), 1)
 
 
-def scorer_values(columns: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+def _group_rank(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each value's percentile among the values of its own group, ``(rank - 0.5) / n`` in ``(0, 1)``: a
+    group of one row sits at the median (0.5), so a tiny source gets no free pass over the quality floor."""
+    out = np.empty(len(values), np.float64)
+    for group in np.unique(groups):
+        member = groups == group
+        out[member] = (rankdata(values[member]) - 0.5) / member.sum()
+    return out
+
+
+def scorer_values(
+    columns: Mapping[str, np.ndarray], name: str, *, groups: Sequence[str] | None = None
+) -> np.ndarray:
     """float64 ``[N]``, higher = better, NaN -> below every finite value. ``columns``: the router-data
-    columns ``quality``, ``response_nll``, ``sample_nll``, ``ifd`` (a :class:`RouterData` works too)."""
+    columns ``quality``, ``response_nll``, ``sample_nll``, ``ifd`` (a :class:`RouterData` works too).
+    With ``groups`` (one label per row), every value is its percentile within its group."""
     check_scorer(name)
     get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
     if name in _COMBINED:
         parts, how = _COMBINED[name]
-        ranks = np.stack([_norm_rank(scorer_values(columns, p)) for p in parts])
+        if groups is None:
+            ranks = np.stack([_norm_rank(scorer_values(columns, p)) for p in parts])
+        else:
+            ranks = np.stack([scorer_values(columns, p, groups=groups) for p in parts])
         return ranks.mean(axis=0) if how == "mean" else ranks.min(axis=0)
-    raw = np.asarray(get(_COLUMN[name]), np.float64)
-    return _worst_for_nan(_SIGN[name] * raw)
+    values = _worst_for_nan(_SIGN[name] * np.asarray(get(_COLUMN[name]), np.float64))
+    if groups is None:
+        return values
+    groups = np.asarray(groups, dtype=object)
+    if len(groups) != len(values):
+        raise ValueError(f"{len(groups)} groups for {len(values)} rows")
+    return _group_rank(values, groups)
+
+
+def rank_groups(columns, rank_within: str) -> list[str] | None:
+    """The ``groups`` of :func:`scorer_values` for ``select.rank_within``: each row's ``dataset``, or None."""
+    if rank_within == "pool":
+        return None
+    if rank_within == "dataset":
+        return list(columns.datasets if hasattr(columns, "datasets") else columns["dataset"])
+    raise ValueError(f"select.rank_within must be dataset | pool, got {rank_within!r}")
 
 
 def available_scorers(columns: Mapping[str, np.ndarray]) -> list[str]:
@@ -71,10 +107,15 @@ def available_scorers(columns: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def scorer_aucs(
-    columns: Mapping[str, np.ndarray], kinds: Sequence[str], *, clean: str = "clean"
+    columns: Mapping[str, np.ndarray],
+    kinds: Sequence[str],
+    *,
+    clean: str = "clean",
+    groups: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{scorer: {"overall": AUC, <kind>: AUC, ...}}``: ROC AUC (sklearn) of each scorer separating the
-    ``clean`` rows (positives) from all bad rows, and from each bad kind alone. 0.5 = no signal."""
+    ``clean`` rows (positives) from all bad rows, and from each bad kind alone. 0.5 = no signal.
+    ``groups``: rank within them, as :func:`scorer_values` (so the AUC is that of the ranking select uses)."""
     kinds = np.asarray(kinds, dtype=object)
     is_clean = kinds == clean
     bad_kinds = sorted({str(k) for k in kinds[~is_clean]})
@@ -82,7 +123,7 @@ def scorer_aucs(
     if not is_clean.any() or not bad_kinds:
         return out
     for name in available_scorers(columns):
-        values = scorer_values(columns, name)
+        values = scorer_values(columns, name, groups=groups)
         row = {"overall": float(roc_auc_score(is_clean, values))}
         for kind in bad_kinds:
             sel = is_clean | (kinds == kind)
@@ -91,4 +132,4 @@ def scorer_aucs(
     return out
 
 
-__all__ = ["SCORERS", "available_scorers", "check_scorer", "scorer_aucs", "scorer_values"]
+__all__ = ["SCORERS", "available_scorers", "check_scorer", "rank_groups", "scorer_aucs", "scorer_values"]

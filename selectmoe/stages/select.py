@@ -37,7 +37,7 @@ from selectmoe.config import SelectConfig
 from selectmoe.manifest import fingerprint, read_manifest, write_manifest
 from selectmoe.router_data import load_router_data
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy
-from selectmoe.selection.scorers import SCORERS, available_scorers, scorer_values
+from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 from selectmoe.stages.contract import check_inputs
 
@@ -140,7 +140,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         i = sweep.ks.index(k)
         inertia, sil = sweep.inertia[i], sweep.silhouette[i]
     labels = np.asarray(labels, dtype=np.int64)
-    quality = scorer_values(rd, cfg.score)  # the ranking score, higher = better (see selection/scorers.py)
+    # the ranking score, higher = better (see selection/scorers.py)
+    quality = scorer_values(rd, cfg.score, groups=rank_groups(rd, cfg.rank_within))
 
     budget = budget_for(n, cfg.selection_percentage)
     picks = {
@@ -185,6 +186,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         "baselines": {name: len(idx) for name, idx in picks.items() if name != "selected"},
         "score": cfg.score,
         "quality_floor": cfg.quality_floor,
+        "rank_within": cfg.rank_within,
         "diversity": {name: cluster_mix(labels, idx, k) for name, idx in picks.items()},
         "mean_quality": {
             "pool": float(quality.mean()),

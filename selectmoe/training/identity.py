@@ -4,15 +4,13 @@ Ray Train restores the latest checkpoint of a run with the same ``name`` under t
 so the name must change whenever anything that defines the trained tensors changes (else a changed config
 silently returns the old model), and must not change otherwise (else a crashed run cannot resume). It is
 a hash of every training setting, the content fingerprints of the model and the data, and the source of
-the code that trains (the loop, the model package and the calling stage).
+every selectmoe module the calling stage can run (:func:`selectmoe.code_version.code_version`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterable, Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,6 @@ import selectmoe
 BOOKKEEPING_KEYS = frozenset(
     {"output_dir", "storage_path", "resume_from", "max_failures", "train_files", "merge_adapter"}
 )
-# Code whose change changes a trained model: these packages/modules of selectmoe, by path.
-TRAINING_CODE = ("training", "model", "data/encoding.py", "data/ray_io.py")
 
 
 def training_settings(cfg: Any, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -36,28 +32,13 @@ def training_settings(cfg: Any, *, exclude: Iterable[str] = ()) -> dict[str, Any
     return {k: v for k, v in plain.items() if k not in drop}
 
 
-@cache
-def code_fingerprint(stage_module: str) -> str:
-    """sha256 over the source of the training code and the stage module (``selectmoe.stages.warmup``)."""
-    root = Path(selectmoe.__file__).parent
-    files: list[Path] = []
-    for rel in TRAINING_CODE:
-        path = root / rel
-        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
-    files.append(root / (stage_module.removeprefix("selectmoe.").replace(".", "/") + ".py"))
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.relative_to(root)}\0".encode())
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
-
-
 def run_name(
     stage: str, settings: Mapping[str, Any], inputs: Mapping[str, Any], *, stage_module: str, **extra: Any
 ) -> str:
     """``<stage>-<16 hex>``: the hash of ``settings``, the content fingerprints of ``inputs`` (name ->
     path; paths themselves do not count, so a moved directory with the same content resumes), ``extra``
-    and the code fingerprint."""
+    and the code version of ``stage_module`` (:mod:`selectmoe.code_version`)."""
+    from selectmoe.code_version import code_version
     from selectmoe.manifest import config_hash, fingerprint
 
     contents = {}
@@ -69,7 +50,7 @@ def run_name(
         "settings": dict(settings),
         "inputs": contents,
         "extra": extra,
-        "code": code_fingerprint(stage_module),
+        "code": code_version(stage_module),
         "version": selectmoe.__version__,
     }
     return f"{stage}-{config_hash(identity)[:16]}"
