@@ -11,8 +11,8 @@ and reports
   ``P(score(clean) > score(corrupt)) + 0.5 * P(tie)``;
 - ``per_corruption[kind]``: the same AUC of all clean vs that corruption's twins;
 - ``paired_win_rate``: the share of (clean, its own twin) pairs the clean sample wins (ties 0.5);
-- ``scorers[name]``: every scorer's AUC (gate, response/sample NLL of the same pass, IFD, and the combinations),
-  overall and per corruption, so the gate is judged next to the free perplexity baseline.
+- ``scorers[name]``: every scorer's AUC (gate, response/sample NLL of the same pass, IFD, and the
+  combinations), overall and per corruption, so the gate is judged next to the free perplexity baseline.
 
 0.5 = no signal; 1.0 = every clean sample scores above every corrupted one.
 """

@@ -16,14 +16,16 @@ the base model's mean token NLL of the response (``response_nll``) and of the wh
 A missing value (NaN: no response token inside the window, IFD not computed) ranks last, never dropped.
 
 ``groups`` (``select.rank_within=dataset``: each row's ``dataset``) turns every value into its percentile
-among the rows of its own group (``(rank - 0.5) / n``; a one-row group sits at the median). Why: sources differ in how predictable a good answer is (an
-arithmetic answer's numbers are harder to predict than a capital's name), so one pool-wide perplexity
-scale ranks whole sources below the bad rows of easier ones and a quality floor cuts skills, not bad rows;
-against its own source a bad row still stands out (demo figures in ``docs/benchmarks.md``).
+among the rows of its own group (``(rank - 0.5) / n``; a one-row group sits at the median). Why: sources
+differ in how predictable a good answer is (an arithmetic answer's numbers are harder to predict than a
+capital's name), so one pool-wide perplexity scale ranks whole sources below the bad rows of easier ones
+and a quality floor cuts skills, not bad rows; against its own source a bad row still stands out (demo
+figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -59,10 +61,13 @@ def _norm_rank(values: np.ndarray) -> np.ndarray:
 def _group_rank(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Each value's percentile among the values of its own group, ``(rank - 0.5) / n`` in ``(0, 1)``: a
     group of one row sits at the median (0.5), so a tiny source gets no free pass over the quality floor."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # rows grouped: one O(N log N) pass, not one mask per group
+    starts = np.r_[0, np.flatnonzero(np.diff(inverse[order])) + 1, len(order)]
     out = np.empty(len(values), np.float64)
-    for group in np.unique(groups):
-        member = groups == group
-        out[member] = (rankdata(values[member]) - 0.5) / member.sum()
+    for lo, hi in itertools.pairwise(starts):
+        rows = order[lo:hi]
+        out[rows] = (rankdata(values[rows]) - 0.5) / (hi - lo)
     return out
 
 
