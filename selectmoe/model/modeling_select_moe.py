@@ -91,11 +91,32 @@ class SelectMoeTrashExpert(nn.Module):
         return out
 
 
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for the device of ``x``: the gates and routers compute in their own (fp32) dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 class SelectMoeQualityGate(nn.Linear):
-    """``Linear(d, 1)`` with bias: the per-token, per-layer quality score s (g = sigmoid(s))."""
+    """``Linear(d, 1)`` with bias: the per-token, per-layer quality score s (g = sigmoid(s)).
+
+    Computed in the weight's dtype (fp32: a kept-fp32 module) with autocast off, so a bf16 autocast forward
+    (warmup, probe, evaluation) scores exactly as the stored fp32 scores do."""
 
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, 1, bias=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with _no_autocast(h):
+            return super().forward(h.to(self.weight.dtype))
+
+
+class SelectMoeTopKRouter(OlmoeTopKRouter):
+    """The stock OLMoE router (same tensors and outputs), computed in its weight's dtype with autocast off:
+    under bf16 autocast a plain ``F.linear`` would route in bf16 although the weights are kept fp32."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        with _no_autocast(hidden_states):
+            return super().forward(hidden_states.to(self.weight.dtype))
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -107,6 +128,7 @@ class SelectMoeDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         self.self_attn = OlmoeAttention(config=config, layer_idx=layer_idx)
         self.mlp = OlmoeSparseMoeBlock(config)
+        self.mlp.gate = SelectMoeTopKRouter(config)  # fp32 routing under autocast (same tensor names)
         self.input_layernorm = OlmoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = OlmoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.quality_gate = SelectMoeQualityGate(config.hidden_size)
@@ -138,11 +160,11 @@ class SelectMoeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         h = self.post_attention_layernorm(hidden_states)
         bsz, seq, dim = h.shape
-        score = self.quality_gate(h.to(self.quality_gate.weight.dtype))  # [B, T, 1] raw (fp32 gate kept fp32)
+        score = self.quality_gate(h)  # [B, T, 1] raw, in the gate's dtype (fp32 kept fp32, autocast off)
         g = torch.sigmoid(score.float()).to(h.dtype)
         flat = h.reshape(-1, dim)
-        # the router may be kept fp32 beside bf16 experts (keep_fp32_modules): route in its dtype
-        router_logits, top_k_weights, top_k_index = self.mlp.gate(flat.to(self.mlp.gate.weight.dtype))
+        # the router is kept fp32 beside bf16 experts (keep_fp32_modules) and routes in its dtype
+        router_logits, top_k_weights, top_k_index = self.mlp.gate(flat)
         moe_out = self.mlp.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).reshape(bsz, seq, dim)
         out = residual + g * moe_out
         trash = self.trash_expert(h)

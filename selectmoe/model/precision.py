@@ -25,8 +25,10 @@ def fp32_module_patterns(model: torch.nn.Module) -> list[str]:
 
 def fp32_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The modules matching the model's fp32 list, by name. A pattern matches whole dotted name segments,
-    as in transformers (``mlp.gate`` is the router, not the experts' ``gate_up_proj``)."""
-    regexes = [re.compile(rf"(^|\.){re.escape(p)}(\.|$)") for p in fp32_module_patterns(model)]
+    as in transformers (``mlp.gate`` is the router, not the experts' ``gate_up_proj``), and ends the name:
+    only the modules themselves, not what is inside them (a LoRA router's ``parametrizations`` ModuleDict,
+    which FSDP's ``fully_shard`` refuses, travels with its router)."""
+    regexes = [re.compile(rf"(^|\.){re.escape(p)}$") for p in fp32_module_patterns(model)]
     return {n: m for n, m in model.named_modules() if n and any(r.search(n) for r in regexes)}
 
 
@@ -39,8 +41,22 @@ def keep_fp32_modules(model: torch.nn.Module) -> list[str]:
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model.to(dtype)`` with the fp32 modules kept fp32 (a no-op for them when ``dtype`` is fp32)."""
-    model.to(dtype=dtype)
-    if dtype != torch.float32:
-        keep_fp32_modules(model)
+    """``model.to(dtype)`` with the fp32 modules kept fp32.
+
+    The fp32 modules (and everything inside them, LoRA parametrizations included) are never cast to
+    ``dtype``: a round trip through bf16 would round the gate weights (by up to 4e-3), which are the signal.
+    """
+    if dtype == torch.float32:
+        return model.to(dtype=dtype)
+    keep = fp32_modules(model)
+    inside = {id(sub) for module in keep.values() for sub in module.modules()}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    for module in model.modules():
+        if id(module) not in inside:
+            module._apply(cast, recurse=False)
+    for module in keep.values():
+        module.to(torch.float32)
     return model
