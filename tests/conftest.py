@@ -32,6 +32,7 @@ def ray_local():
         ray.init(
             address="local",  # never attach to a `ray start --head` another test runs
             num_cpus=2,
+            num_gpus=0,  # CPU-pinned values: never checked against a GPU run on a GPU box
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}},

@@ -231,3 +231,29 @@ def test_warmup_resume_reproduces_and_a_changed_config_retrains(ray_local, asset
     assert not _equal(_tensors(changed), _tensors(plain))
     assert _losses(tmp_path / "a") == _losses(tmp_path / "c") != PINNED_WARMUP_LOSSES
     print(f"warmup resume + identity: {time.perf_counter() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_warmup_fsdp_two_workers_with_the_probe_on(ray_local, assets, tmp_path):
+    """``strategy=fsdp`` on 2 gloo workers with the probe on (the default): trains and reports the probe AUC
+    before and after, as DDP does (old main: both ranks died on the probe's first forward, "Inplace update
+    to inference tensor outside InferenceMode"). Same global batches, so the same model up to float
+    summation order: tensors within 1e-5, AUCs within a few rank flips of each other."""
+    from selectmoe.manifest import read_manifest
+    from selectmoe.stages.warmup import run_warmup
+
+    common = dict(trainable="gates_only", lr=1e-2, max_steps=3, batch_size=8, probe_samples=16,
+                  checkpoint_every=100)  # fmt: skip
+    runs = {s: run_warmup(_cfg(assets, tmp_path / s, strategy=s, **common)) for s in ("ddp", "fsdp")}
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert fsdp.steps == ddp.steps == 3
+    for key in ("probe_auc_before", "probe_auc"):
+        assert isinstance(fsdp.probe[key], float), key
+        assert fsdp.probe[key] == pytest.approx(ddp.probe[key], abs=5e-3), key
+    assert read_manifest(tmp_path / "fsdp")["extra"]["probe"]["probe_auc"] == fsdp.probe["probe_auc"]
+    a, b = _tensors(fsdp), _tensors(ddp)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    changed = [k for k in a if "quality_gate.weight" in k and bool(a[k].abs().sum() > 0)]
+    assert changed  # zero-init gates: trained away from zero

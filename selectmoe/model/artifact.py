@@ -82,7 +82,10 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def _load_select_moe(model_dir: Path, overrides: dict[str, Any]):
+def _load_select_moe(model_dir: Path, overrides: dict[str, Any], dtype=None):
+    """The converted model loaded straight in ``dtype`` (default fp32): safetensors memory-mapped onto a
+    meta-initialised model, so the host never holds more than the model in that dtype (the quality gates and
+    routers load fp32 from the checkpoint: ``_keep_in_fp32_modules_strict``)."""
     from transformers import AutoConfig
 
     from selectmoe.model.modeling_select_moe import SelectMoeForCausalLM
@@ -99,7 +102,7 @@ def _load_select_moe(model_dir: Path, overrides: dict[str, Any]):
     config = AutoConfig.from_pretrained(str(model_dir))
     for key, value in (overrides or {}).items():
         setattr(config, key, value)
-    return SelectMoeForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
+    return SelectMoeForCausalLM.from_pretrained(str(model_dir), config=config, dtype=dtype or torch.float32)
 
 
 def read_selector_meta(path) -> dict[str, Any] | None:
@@ -138,9 +141,10 @@ def selector_encoding(path) -> dict[str, Any]:
 def load_selector(path, *, dtype=None, device=None):
     """Load a selector artefact (or a plain converted Select-MoE dir) → ``(model, tokenizer, encoding)``.
 
-    The model is loaded in fp32, the trainable tensors are copied in (a name or shape that does not match the
-    base raises ``ValueError`` naming the tensor and shapes), then it is cast to ``dtype`` (torch dtype or
-    name; ``None``/``"auto"`` keeps fp32; the quality gates and routers stay fp32 whatever it is), moved to ``device`` and put in eval mode. ``encoding`` is the
+    The model is loaded directly in ``dtype`` (torch dtype or name; ``None``/``"auto"`` is fp32; the quality
+    gates and routers load fp32 whatever it is, so the host peaks at the model's size in ``dtype``), the
+    trainable tensors are copied in (a name or shape that does not match the base raises ``ValueError`` naming
+    the tensor and shapes), then it is moved to ``device`` and put in eval mode. ``encoding`` is the
     EncodingSpec dict (``{}`` for a plain converted dir).
     """
     from safetensors.torch import load_file
@@ -151,9 +155,10 @@ def load_selector(path, *, dtype=None, device=None):
 
     root = Path(path)
     meta = read_selector_meta(root)
+    target_dtype = _resolve_dtype(dtype)
     if meta is not None:
         base = Path(meta["base_model_dir"])
-        model = _load_select_moe(base, meta.get("model_config_overrides") or {})
+        model = _load_select_moe(base, meta.get("model_config_overrides") or {}, target_dtype)
         tensor_file = root / TRAINABLE_FILE
         if tensor_file.is_file():
             tensors = load_file(str(tensor_file))
@@ -167,13 +172,12 @@ def load_selector(path, *, dtype=None, device=None):
         tok_dir = root if _has_tokenizer(root) else base
         encoding = dict(meta.get("encoding") or {})
     elif (root / "config.json").is_file():
-        model = _load_select_moe(root, {})
+        model = _load_select_moe(root, {}, target_dtype)
         tok_dir = root
         encoding = {}
     else:
         raise ValueError(f"{root} is neither a selector artefact ({SELECTOR_JSON}) nor a model directory")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    target_dtype = _resolve_dtype(dtype)
     if target_dtype is not None:
         cast_model(model, target_dtype)  # quality gates and routers stay fp32
     if device is not None:

@@ -212,6 +212,9 @@ class SelectMoePreTrainedModel(PreTrainedModel):
     # quality gates and routers stay fp32 when the rest is cast to bf16 (selectmoe.model.precision applies
     # this on every cast: transformers 5 honours the list only for fp16 loading)
     _keep_in_fp32_modules = ["quality_gate", "mlp.gate"]  # noqa: RUF012
+    # ... and load fp32 from the checkpoint when the model is loaded in bf16 (from_pretrained(dtype=bf16)):
+    # the loader never makes an fp32 copy of the whole model, and the gates are never rounded
+    _keep_in_fp32_modules_strict = ["quality_gate", "mlp.gate"]  # noqa: RUF012
     # the experts are the stock (``@use_experts_implementation``-decorated) OlmoeExperts, so the experts
     # implementation (grouped_mm / eager / ...) is selectable exactly as for OLMoE
     _can_set_experts_implementation_cached_value = True

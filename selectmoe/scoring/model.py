@@ -26,23 +26,34 @@ def resolve_dtype(name: str, use_gpu: bool):
     raise ValueError(f"score.dtype must be auto | bfloat16 | float32, got {name!r}")
 
 
-def mean_token_nll(logits, targets) -> np.ndarray:
+# rows of fp32 logits one NLL chunk holds at most (elements): bounds the fp32 copy of bf16 logits
+NLL_CHUNK_ELEMENTS = 1 << 27
+
+
+def mean_token_nll(logits, targets):
     """Per-sample mean next-token NLL (fp32) over positions whose target is not ``IGNORE_INDEX``.
 
-    ``logits [B, T, V]`` predict ``targets [B, T]`` shifted by one (HF causal-LM convention). Row by row in
-    fp32 so memory stays ``T x V`` beyond the logits themselves; a row without any target gets NaN."""
+    ``logits [B, T, V]`` predict ``targets [B, T]`` shifted by one (HF causal-LM convention). Vectorised over
+    rows (no host sync per row): fp32 cross-entropy per position, then a masked mean; rows are
+    taken in chunks of at most ``NLL_CHUNK_ELEMENTS`` fp32 logits so a bf16 batch never holds a whole fp32
+    copy. A row without any target gets NaN. Returns fp32 numpy ``[B]``."""
     import torch
     import torch.nn.functional as F
 
-    out = np.full(logits.shape[0], np.nan, dtype=np.float32)
-    shifted = targets[:, 1:]
-    for i in range(logits.shape[0]):
-        tgt = shifted[i]
-        keep = tgt != IGNORE_INDEX
-        if bool(keep.any()):
-            row = logits[i, :-1][keep].to(torch.float32)
-            out[i] = float(F.cross_entropy(row, tgt[keep].to(row.device), reduction="mean"))
-    return out
+    b, t, v = logits.shape
+    shifted = targets[:, 1:].to(logits.device)
+    keep = shifted != IGNORE_INDEX
+    safe = shifted.masked_fill(~keep, 0)
+    total = torch.zeros(b, dtype=torch.float32, device=logits.device)
+    step = max(1, NLL_CHUNK_ELEMENTS // max(1, (t - 1) * v))
+    for i in range(0, b, step):
+        chunk = logits[i : i + step, :-1].to(torch.float32)
+        rows = chunk.shape[0]
+        nll = F.cross_entropy(chunk.reshape(-1, v), safe[i : i + step].reshape(-1), reduction="none")
+        total[i : i + step] = (nll.view(rows, t - 1) * keep[i : i + step]).sum(dim=1)
+    count = keep.sum(dim=1)
+    mean = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+    return mean.cpu().numpy()
 
 
 def score_batch(
@@ -54,14 +65,18 @@ def score_batch(
     ``sample_nll [B]`` (mean NLL of every token after the first) and ``response_nll [B]`` (mean NLL of the
     tokens ``response_labels`` marks, i.e. the assistant turns; NaN when ``response_labels`` is None or
     marks nothing). Reductions are fp32 whatever the model dtype; only label/pad-masked tokens count, so a
-    sample scores the same alone and inside a right-padded batch.
+    sample scores the same alone and inside a right-padded batch. No KV cache (one pass, nothing decoded).
+    ``torch.no_grad``, not ``inference_mode``: the probe runs this inside training, on an FSDP model whose
+    first forward allocates buffers that later steps update in place (an inference tensor refuses that).
     """
     import torch
 
     from selectmoe.model import router_sample_stats, token_mask_for_scope
 
-    with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    with torch.no_grad():
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True, use_cache=False
+        )
         mask = token_mask_for_scope(attention_mask, labels, scope)
         quality, quality_layers, routing = router_sample_stats(out.router_logits, mask)
         sample_targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
@@ -80,13 +95,38 @@ def score_batch(
     }
 
 
+def length_groups(lengths: Sequence[int], *, min_rows: int = 8, max_ratio: float = 1.25) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into groups that pad little: a group closes once it holds
+    ``min_rows`` rows and the next row is more than ``max_ratio`` times its shortest."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups: list[list[int]] = []
+    for k in order:
+        n = int(lengths[k])
+        if groups and (len(groups[-1]) < min_rows or n <= max_ratio * max(1, int(lengths[groups[-1][0]]))):
+            groups[-1].append(int(k))
+        else:
+            groups.append([int(k)])
+    return [np.asarray(g) for g in groups]
+
+
 def answer_only_nll(model, input_ids, attention_mask, labels) -> np.ndarray:
-    """L(A): the response's mean NLL with the question left out (the IFD denominator; one more pass)."""
+    """L(A): the response's mean NLL with the question left out (the IFD denominator; one more pass).
+
+    The rows (right-padded) run sorted by length in groups of similar length, each trimmed to its longest
+    row, so short answers do not pay for the longest; the result is in the input's row order."""
     import torch
 
-    with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return mean_token_nll(logits, labels)
+    lengths = attention_mask.sum(dim=1).tolist()
+    out = np.full(input_ids.shape[0], np.nan, dtype=np.float32)
+    with torch.no_grad():
+        for group in length_groups(lengths):
+            width = max(1, max(int(lengths[k]) for k in group))
+            idx = torch.as_tensor(group, device=input_ids.device)
+            logits = model(
+                input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width], use_cache=False
+            ).logits
+            out[group] = mean_token_nll(logits, labels[idx, :width])
+    return out
 
 
 def assistant_only(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

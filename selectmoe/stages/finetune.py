@@ -95,7 +95,8 @@ class FinetuneResult:
 
 @dataclass
 class LoraModelFactory:
-    """Picklable ``model_fn`` of the loop: the base causal LM (fp32, CPU) with a fresh LoRA adapter."""
+    """Picklable ``model_fn`` of the loop: the base causal LM (CPU, loaded directly in the loop's dtype: never
+    an fp32 copy on a bf16 run) with a fresh LoRA adapter."""
 
     base_model: str
     r: int
@@ -117,10 +118,10 @@ class LoraModelFactory:
             bias="none",
         )
 
-    def base(self) -> torch.nn.Module:
+    def base(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=dtype)
         if self.vocab_size is not None and model.get_input_embeddings().weight.shape[0] != self.vocab_size:
             model.resize_token_embeddings(self.vocab_size, mean_resizing=False)
         if self.pad_token_id is not None:
@@ -129,10 +130,10 @@ class LoraModelFactory:
             p.requires_grad_(False)
         return model
 
-    def __call__(self) -> torch.nn.Module:
+    def __call__(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(self.base(), self.lora_config())
+        return get_peft_model(self.base(dtype), self.lora_config())
 
 
 def export_lora(model) -> dict[str, torch.Tensor]:

@@ -92,8 +92,8 @@ def quality_config_overrides(cfg: WarmupConfig) -> dict[str, Any]:
 
 
 class SelectorModelFactory:
-    """``LoopSpec.model_fn``: the converted Select-MoE (fp32, CPU) with the quality-loss config and the
-    trainable set applied."""
+    """``LoopSpec.model_fn``: the converted Select-MoE (CPU, loaded directly in the loop's dtype; gates and
+    routers fp32) with the quality-loss config and the trainable set applied."""
 
     def __init__(
         self, model_dir: str, trainable: str, overrides: Mapping[str, Any], lora_r: int, lora_alpha: float
@@ -104,10 +104,10 @@ class SelectorModelFactory:
         self.lora_r = int(lora_r)
         self.lora_alpha = float(lora_alpha)
 
-    def __call__(self):
+    def __call__(self, dtype: torch.dtype = torch.float32):
         from selectmoe.model import SelectMoeForCausalLM, apply_trainable
 
-        model = SelectMoeForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        model = SelectMoeForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         for key, value in self.overrides.items():
             setattr(model.config, key, value)
         apply_trainable(

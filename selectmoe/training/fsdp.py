@@ -24,11 +24,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool) -> torch.nn.Module:
-    """Shard ``model`` (fp32, built on every rank) over the default process group, in place.
+    """Shard ``model`` (built on every rank's host: fp32, or bf16 frozen weights with fp32 trainable ones on a
+    bf16 run) over the default process group, in place.
 
-    ``bf16``: compute in bf16 with fp32 gradient reduction; the model's fp32 modules (quality gates,
-    routers) get their own unit that computes in fp32. The trainable parameters become DTensors: read
-    them whole with ``.full_tensor()`` (every rank must call it)."""
+    Each unit is moved to ``device`` as it is sharded (FSDP2 moves what it manages), so a GPU never holds the
+    whole model; shards keep the dtype they were loaded in. ``bf16``: compute in bf16 with fp32 gradient
+    reduction; the model's fp32 modules (quality gates, routers) get their own unit that computes in fp32.
+    The trainable parameters become DTensors: read them whole with ``.full_tensor()`` (every rank must
+    call it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layers = decoder_layers(model)
@@ -37,7 +42,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool) -> 
             f"strategy=fsdp needs a model with decoder layers (HF _no_split_modules); {type(model).__name__} "
             "has none: use strategy=ddp"
         )
-    model.to(device=device, dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # FSDP2 moves each unit onto it
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16
@@ -47,8 +52,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, *, bf16: bool) -> 
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for module in fp32_modules(model).values():
             if any(True for _ in module.parameters()):
-                fully_shard(module, mp_policy=fp32)
+                fully_shard(module, mp_policy=fp32, mesh=mesh)
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, mesh=mesh)
+    fully_shard(model, mp_policy=policy, mesh=mesh)
     return model

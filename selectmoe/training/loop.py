@@ -2,7 +2,8 @@
 
 Contract (what a caller provides, in a picklable :class:`LoopSpec`):
 
-- ``model_fn()`` builds the model on CPU with exactly the trainable parameters ``requires_grad``;
+- ``model_fn(dtype)`` builds the model on CPU, loaded directly in ``dtype`` (bf16 on a bf16 GPU run, else
+  fp32; the model's fp32 modules kept fp32), with exactly the trainable parameters ``requires_grad``;
   ``export_fn(model) -> {name: tensor}`` / ``import_fn(model, tensors)`` move the trainable state in and
   out (only those tensors are checkpointed). The loss is the model forward's ``loss``.
 - ``train``: the stage's config as is (a :class:`selectmoe.config.TrainingConfig`: warmup's or finetune's),
@@ -92,7 +93,7 @@ METRICS_LOG = "train_metrics.jsonl"  # every log step's metrics, written on the 
 class LoopSpec:
     """Everything a worker needs; shipped through ``train_loop_config`` (must be picklable)."""
 
-    model_fn: Callable[[], torch.nn.Module]
+    model_fn: Callable[[torch.dtype], torch.nn.Module]
     export_fn: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
     import_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Any]
     n_rows: int  # rows of the training dataset (sets steps per epoch and the schedule length)
@@ -270,7 +271,7 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    from selectmoe.model.precision import keep_fp32_modules
+    from selectmoe.model.precision import cast_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -281,10 +282,12 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
     rows = load_rows(ray.train.get_dataset_shard("train"), spec.n_rows)
 
     _seed_all(spec.train.seed)
-    model = spec.model_fn()
-    if on_gpu and spec.train.bf16 and not fsdp:
-        model.to(torch.bfloat16)  # frozen weights in bf16 (FSDP: fp32 shards, bf16 compute by its policy)
-        keep_fp32_modules(model)  # quality gates and routers stay fp32 (the model's _keep_in_fp32_modules)
+    # frozen weights loaded in bf16 on a bf16 GPU run (the host never holds an fp32 copy; FSDP shards them
+    # as they are and computes in bf16 by its policy); quality gates and routers stay fp32
+    bf16 = on_gpu and spec.train.bf16
+    model = spec.model_fn(torch.bfloat16 if bf16 else torch.float32)
+    if bf16:
+        cast_model(model, torch.bfloat16)  # whatever model_fn returned; the fp32 modules are never rounded
     _trainable_to_fp32(model)
     if spec.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
