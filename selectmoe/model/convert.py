@@ -89,21 +89,19 @@ def verify_logits(olmoe, select_moe, *, atol: float = 1e-5) -> float:
     return diff
 
 
-def build_select_moe_from_olmoe(
-    olmoe,
+def select_moe_config(
+    olmoe_config,
     *,
     gate_init_mean: float = 0.0,
     gate_init_std: float = 0.02,
     gate_init_bias: float = 4.0,
     trash_expert_mode: str = "zero",
-    seed: int = 0,
     **config_extras,
 ):
-    """A fp32 ``SelectMoeForCausalLM`` with OLMoE's config, every OLMoE tensor copied and fresh gates."""
+    """The ``SelectMoeConfig`` of an OLMoE config: every OLMoE setting plus the gate init and extras."""
     from selectmoe.model.configuration_select_moe import SelectMoeConfig
-    from selectmoe.model.modeling_select_moe import SelectMoeForCausalLM
 
-    base = olmoe.config.to_dict()
+    base = olmoe_config.to_dict()
     for key in (
         "model_type",
         "architectures",
@@ -113,8 +111,8 @@ def build_select_moe_from_olmoe(
         "torch_dtype",
     ):
         base.pop(key, None)
-    base["_attn_implementation"] = olmoe.config._attn_implementation
-    config = SelectMoeConfig(
+    base["_attn_implementation"] = olmoe_config._attn_implementation
+    return SelectMoeConfig(
         **base,
         quality_gate_init_mean=float(gate_init_mean),
         quality_gate_init_std=float(gate_init_std),
@@ -122,8 +120,29 @@ def build_select_moe_from_olmoe(
         trash_expert_mode=trash_expert_mode,
         **config_extras,
     )
+
+
+def fresh_quality_gates(config, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The quality-gate tensors exactly as a seeded ``SelectMoeForCausalLM(config)`` initialises them.
+
+    The model is built whole because the gates' values depend on the seeded init stream of everything
+    before them; it is freed on return, before the source is loaded, so convert never holds two copies."""
+    from selectmoe.model.modeling_select_moe import SelectMoeForCausalLM
+
     torch.manual_seed(seed)
     model = SelectMoeForCausalLM(config).float()
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if "quality_gate" in n}
+
+
+def attach_olmoe(config, olmoe, gates: dict[str, torch.Tensor], *, share: bool = True):
+    """A ``SelectMoeForCausalLM`` built on the meta device that takes OLMoE's fp32 tensors plus ``gates``.
+
+    ``share``: the tensors are OLMoE's own (one copy of the weights in memory; what convert does), else
+    copies. Returns ``(model, n_tensors_taken)``."""
+    from selectmoe.model.modeling_select_moe import SelectMoeForCausalLM
+
+    with torch.device("meta"):
+        model = SelectMoeForCausalLM(config)
     src = olmoe.state_dict()
     dst = model.state_dict()
     missing = sorted(k for k in dst if k not in src and "quality_gate" not in k)
@@ -138,10 +157,37 @@ def build_select_moe_from_olmoe(
             "convert: OLMoE tensors do not match the Select-MoE layout: "
             f"missing={missing[:8]} unexpected={unexpected[:8]} mismatched={mismatched[:8]}"
         )
-    with torch.no_grad():
-        for name, tensor in src.items():
-            dst[name].copy_(tensor.to(torch.float32))
+    tensors = {k: v.to(torch.float32, copy=not share) for k, v in src.items()}
+    model.load_state_dict({**tensors, **gates}, strict=True, assign=True)
+    buffers = dict(olmoe.named_buffers())  # non-persistent ones too (rotary inv_freq)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, buffers[name].clone(), persistent=False)
+    model.train(olmoe.training)
     return model, len(src)
+
+
+def build_select_moe_from_olmoe(
+    olmoe,
+    *,
+    gate_init_mean: float = 0.0,
+    gate_init_std: float = 0.02,
+    gate_init_bias: float = 4.0,
+    trash_expert_mode: str = "zero",
+    seed: int = 0,
+    **config_extras,
+):
+    """A fp32 ``SelectMoeForCausalLM`` with OLMoE's config, every OLMoE tensor copied and fresh gates."""
+    config = select_moe_config(
+        olmoe.config,
+        gate_init_mean=gate_init_mean,
+        gate_init_std=gate_init_std,
+        gate_init_bias=gate_init_bias,
+        trash_expert_mode=trash_expert_mode,
+        **config_extras,
+    )
+    return attach_olmoe(config, olmoe, fresh_quality_gates(config, seed=seed), share=False)
 
 
 def convert_olmoe(
@@ -161,7 +207,7 @@ def convert_olmoe(
     with ``verify`` raises ``RuntimeError`` unless the gates-open logits equal OLMoE's within ``atol``
     (nothing is written in that case).
     """
-    from transformers import OlmoeForCausalLM
+    from transformers import AutoConfig, OlmoeForCausalLM
 
     from selectmoe.manifest import write_manifest
 
@@ -169,6 +215,15 @@ def convert_olmoe(
     src, dst = Path(src_dir), Path(dst_dir)
     _check_source(src)
     try:
+        olmoe_config = AutoConfig.from_pretrained(src, attn_implementation="eager")
+        config = select_moe_config(
+            olmoe_config,
+            gate_init_mean=gate_init_mean,
+            gate_init_std=gate_init_std,
+            gate_init_bias=gate_init_bias,
+            trash_expert_mode=trash_expert_mode,
+        )
+        gates = fresh_quality_gates(config)  # before the source loads: never two fp32 copies at once
         olmoe, info = OlmoeForCausalLM.from_pretrained(
             src, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
         )
@@ -179,13 +234,7 @@ def convert_olmoe(
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ValueError(f"convert: the tensors in {src} do not match its OLMoE config: {bad}")
-    model, n_copied = build_select_moe_from_olmoe(
-        olmoe,
-        gate_init_mean=gate_init_mean,
-        gate_init_std=gate_init_std,
-        gate_init_bias=gate_init_bias,
-        trash_expert_mode=trash_expert_mode,
-    )
+    model, n_copied = attach_olmoe(config, olmoe, gates)
     diff = verify_logits(olmoe, model, atol=atol) if verify else None
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -241,7 +290,10 @@ def convert_olmoe(
 __all__ = [
     "VERIFY_OPEN_BIAS",
     "ConvertResult",
+    "attach_olmoe",
     "build_select_moe_from_olmoe",
     "convert_olmoe",
+    "fresh_quality_gates",
+    "select_moe_config",
     "verify_logits",
 ]
