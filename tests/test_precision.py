@@ -3,6 +3,7 @@ bit-identical (issue 22, items 1-2)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +36,10 @@ def test_gates_and_routers_output_fp32_under_bf16_autocast(tok):
     layer.mlp.gate.register_forward_hook(hook("router"))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=_ids(), output_router_logits=True)
-    assert {k: v[1].dtype for k, v in seen.items()} == {"quality_gate": torch.float32, "router": torch.float32}
+    assert {k: v[1].dtype for k, v in seen.items()} == {
+        "quality_gate": torch.float32,
+        "router": torch.float32,
+    }
     assert out.router_logits[1]["quality_score"].dtype == torch.float32
     assert out.router_logits[1]["moe_logits"].dtype == torch.float32
     with torch.no_grad():  # the same input, plain fp32 modules: exactly the autocast outputs
@@ -75,7 +79,7 @@ def test_cast_model_keeps_lora_parametrized_routers_exact(tok):
 
     model = apply_trainable(build_tiny_select_moe(tok, seed=0), "lora", lora_r=2, lora_alpha=4)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(1e-3 * torch.randn_like(p))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -117,5 +121,34 @@ def test_lora_fsdp_bf16_shards_on_one_rank_gloo(tok, tmp_path):
         assert changed == {n for n in trainable if "lora_A" not in n}
         assert any("lora_B" in n for n in changed) and any("quality_gate" in n for n in changed)
         assert all(after[n].dtype == torch.float32 for n in trainable)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_probe_before_the_first_fsdp_step_then_training(tok, tmp_path):
+    """The warmup order under FSDP2: the probe's scoring forward runs first (before step 1), then training.
+    Old main scored under ``torch.inference_mode``, so FSDP2's lazily allocated buffers became inference
+    tensors and step 1 failed ("Inplace update to inference tensor outside InferenceMode"). Scores on the
+    sharded model equal the unsharded model's."""
+    import torch.distributed as dist
+
+    from selectmoe.model import apply_trainable
+    from selectmoe.scoring.model import score_batch
+    from selectmoe.training.fsdp import shard_model
+
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    ref = score_batch(build_tiny_select_moe(tok, seed=0).eval(), ids, mask, ids, scope="all")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = apply_trainable(build_tiny_select_moe(tok, seed=0), "full_rank")
+        model = shard_model(model, torch.device("cpu"), bf16=False)
+        model.eval()
+        got = score_batch(model, ids, mask, ids, scope="all")
+        for key in ("quality", "quality_layers", "routing", "sample_nll"):
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-6, err_msg=key)
+        model.train()
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
     finally:
         dist.destroy_process_group()

@@ -90,7 +90,9 @@ def test_answer_pass_runs_sorted_groups_and_restores_order(tiny, monkeypatch):
     lengths = [40, 6, 7, 38, 5, 39, 8, 6, 41, 7, 5, 40, 6, 8, 39, 5, 7, 38, 6, 41]
     ids, mask, labels = _batch(lengths, seed=1)
     widths = []
-    handle = tiny.model.register_forward_hook(lambda m, a, out: widths.append(out.last_hidden_state.shape[:2]))
+    handle = tiny.model.register_forward_hook(
+        lambda m, a, out: widths.append(out.last_hidden_state.shape[:2])
+    )
     try:
         got = answer_only_nll(tiny, ids, mask, labels)
     finally:

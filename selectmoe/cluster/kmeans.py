@@ -7,14 +7,25 @@ computed chunk by chunk and reduced immediately, never materialised whole.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# Elements of one [chunk, K] similarity block (2 MB in fp32): small blocks stay in cache, and the
-# chunk of X they come from is reused at once by index_add_ for the centroid sums.
-_BLOCK_ELEMENTS = 1 << 19
+# Elements of one [chunk, K] similarity block. CPU: 2 MB in fp32, so small blocks stay in cache and the
+# chunk of X they come from is reused at once by index_add_ for the centroid sums. CUDA: 256 MB, so each
+# GEMM is large enough to fill the device (a 2 MB block is a few microseconds of an H100: launch-bound).
+_BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 26}
+# rows per host->device (or dtype-converting) copy in as_unit_rows: bounds the staging memory
+_COPY_ELEMENTS = 1 << 24
+
+
+def block_elements(device: torch.device | str | None, table: dict[str, int] | None = None) -> int:
+    """Elements of one chunk's similarity block on ``device`` (the CPU figure for any non-CUDA device)."""
+    table = table or _BLOCK_ELEMENTS
+    kind = torch.device(device).type if device is not None else "cpu"
+    return table.get(kind, table["cpu"])
 
 
 @dataclass
@@ -27,23 +38,44 @@ class KMeansResult:
     inertias: tuple[float, ...] = ()  # final inertia of every restart
 
 
+def _is_unit_rows(t: torch.Tensor) -> bool:
+    norms = torch.linalg.vector_norm(t, dim=1)
+    return bool(((norms - 1).abs() <= 1e-6 * t.shape[1] ** 0.5).logical_or(norms == 0).all())
+
+
 def as_unit_rows(X, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """numpy/torch [N, D] -> torch tensor with L2-normalised rows (zero rows stay zero)."""
+    """numpy/torch [N, D] -> torch tensor with L2-normalised rows (zero rows stay zero), on ``device``.
+
+    At most one copy of the matrix is made: numpy input (a read-only memory map included) is copied in
+    row chunks straight into the ``dtype`` tensor on ``device`` (no converted host copy first, one
+    upload) and normalised in place. A tensor that already is unit rows of ``dtype`` on ``device`` is
+    returned as it is, so a caller that fits several k (and the silhouette) prepares X once."""
+    target = torch.device(device) if device is not None else None
     if isinstance(X, np.ndarray):
-        if not X.flags.writeable or X.dtype != np.dtype(str(dtype).removeprefix("torch.")):
-            X = np.array(X, dtype=str(dtype).removeprefix("torch."), copy=True)
-        t = torch.from_numpy(X)
+        if X.ndim != 2:
+            raise ValueError(f"expected a 2-D feature matrix, got shape {tuple(X.shape)}")
+        out = torch.empty(X.shape, dtype=dtype, device=target)
+        step = max(1, _COPY_ELEMENTS // max(1, X.shape[1]))
+        with warnings.catch_warnings():  # read-only maps: only read here, never written through
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for start in range(0, X.shape[0], step):
+                out[start : start + step].copy_(torch.from_numpy(X[start : start + step]))
+        owned = True
     else:
         t = torch.as_tensor(X)
-    t = t.to(device=device, dtype=dtype)
-    if t.ndim != 2:
-        raise ValueError(f"expected a 2-D feature matrix, got shape {tuple(t.shape)}")
-    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
-    return t / torch.where(norms > 0, norms, torch.ones_like(norms))
+        out = t.to(device=target if target is not None else t.device, dtype=dtype)
+        owned = out is not t
+    if out.ndim != 2:
+        raise ValueError(f"expected a 2-D feature matrix, got shape {tuple(out.shape)}")
+    if not owned and _is_unit_rows(out):
+        return out
+    norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return out.div_(norms) if owned else out / norms
 
 
-def _chunk_rows(k: int) -> int:
-    return max(1024, _BLOCK_ELEMENTS // max(k, 1))
+def _chunk_rows(k: int, device=None) -> int:
+    return max(1024, block_elements(device) // max(k, 1))
 
 
 def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None):
@@ -55,9 +87,12 @@ def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None
     n = X.shape[0]
     labels = torch.empty(n, dtype=torch.long, device=X.device)
     best = torch.empty(n, dtype=X.dtype, device=X.device)
-    step = _chunk_rows(C.shape[0])
+    step = _chunk_rows(C.shape[0], X.device)
     Ct = C.t().contiguous()
     block = torch.empty(min(step, n), C.shape[0], dtype=X.dtype, device=X.device)  # reused: no allocs
+    onehot = (
+        torch.empty(min(step, n), C.shape[0], dtype=sums.dtype, device=X.device) if sums is not None else None
+    )
     for start in range(0, n, step):
         xc = X[start : start + step]
         sim = torch.mm(xc, Ct, out=block[: xc.shape[0]])
@@ -67,9 +102,9 @@ def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None
             # Cluster sums as a one-hot GEMM (onehotᵀ · x): deterministic on CUDA, where index_add_ uses
             # float atomics. On CPU the caller uses index_add_ instead (_cluster_sums: a full pass is 2.5x
             # faster than this GEMM at N=100k, K=64, D=256, and it is deterministic there).
-            onehot = torch.zeros(xc.shape[0], C.shape[0], dtype=sums.dtype, device=xc.device)
-            onehot.scatter_(1, lab[:, None], 1.0)
-            sums.addmm_(onehot.t(), xc.to(sums.dtype))
+            hot = onehot[: xc.shape[0]].zero_()
+            hot.scatter_(1, lab[:, None], 1.0)
+            sums.addmm_(hot.t(), xc.to(sums.dtype))
     return labels, best
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from selectmoe.cluster.kmeans import as_unit_rows
+from selectmoe.cluster.kmeans import as_unit_rows, block_elements
+
+# Elements of one [chunk, K] distance block: 16 MB fp64 on CPU (cache-friendly), 256 MB on CUDA (large GEMMs)
+_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
 
 
 def _prepare(X, labels, dtype, device):
@@ -53,8 +56,8 @@ def _cluster_sums(Xt: torch.Tensor, inv: torch.Tensor, k: int, chunk: int) -> to
 def _samples(X, labels, chunk_size, dtype, device):
     Xt, inv, k, uniq = _prepare(X, labels, dtype, device)
     n = Xt.shape[0]
-    chunk = chunk_size or max(1024, (1 << 21) // max(k, 1))
-    sums = _cluster_sums(Xt, inv, k, min(chunk, 16384))
+    chunk = chunk_size or max(1024, block_elements(Xt.device, _BLOCK_ELEMENTS) // max(k, 1))
+    sums = _cluster_sums(Xt, inv, k, chunk if Xt.is_cuda else min(chunk, 16384))
     sizes = torch.bincount(inv, minlength=k).to(torch.float64)
     St = sums.to(Xt.dtype).t().contiguous()
     out = torch.empty(n, dtype=torch.float64, device=Xt.device)
