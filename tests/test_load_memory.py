@@ -1,6 +1,7 @@
 """Host memory of loading (issue 22, item 5): score and train load a ~115M-parameter Select-MoE straight in
-bf16 and peak at its bf16 size + 10%; convert holds one fp32 copy (old main: fp32 then cast, ~2-3x; convert
-~2x). Each load runs alone in a fresh process (``benchmarks/load_memory.py``), its anonymous memory sampled."""
+bf16 and peak at its bf16 size + 10%; convert holds one fp32 copy (old main: convert 1.78x its fp32 size, and
+the warmup ``model_fn`` could only load fp32). Each load runs alone in a fresh process
+(``benchmarks/load_memory.py``), its anonymous memory sampled."""
 
 from __future__ import annotations
 
