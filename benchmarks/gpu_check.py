@@ -131,10 +131,12 @@ def build_select_moe(shapes: Shapes, device: torch.device, dtype=torch.float32, 
 
     cfg = SelectMoeConfig(**shapes.moe, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
                           eos_token_id=2, quality_gate_init_std=0.02, quality_gate_init_bias=0.0)  # fmt: skip
+    from selectmoe.model.precision import cast_model
+
     torch.manual_seed(seed)
     with torch.device(device):
-        model = SelectMoeForCausalLM(cfg).to(dtype)
-    return model
+        model = SelectMoeForCausalLM(cfg)
+    return cast_model(model, dtype)  # gates and routers stay fp32
 
 
 def random_batch(n: int, length: int, vocab: int, device: torch.device, seed: int = 0):
