@@ -238,7 +238,7 @@ def test_warmup_fsdp_two_workers_with_the_probe_on(ray_local, assets, tmp_path):
     """``strategy=fsdp`` on 2 gloo workers with the probe on (the default): trains and reports the probe AUC
     before and after, as DDP does (old main: both ranks died on the probe's first forward, "Inplace update
     to inference tensor outside InferenceMode"). Same global batches, so the same model up to float
-    summation order: tensors within 1e-5, AUCs within a few rank flips of each other."""
+    summation order: tensors within 1e-4 (as finetune FSDP vs DDP), AUCs within a few rank flips."""
     from selectmoe.manifest import read_manifest
     from selectmoe.stages.warmup import run_warmup
 
@@ -254,6 +254,6 @@ def test_warmup_fsdp_two_workers_with_the_probe_on(ray_local, assets, tmp_path):
     a, b = _tensors(fsdp), _tensors(ddp)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
     changed = [k for k in a if "quality_gate.weight" in k and bool(a[k].abs().sum() > 0)]
     assert changed  # zero-init gates: trained away from zero
