@@ -163,7 +163,7 @@ class SelectMoeDecoderLayer(GradientCheckpointingLayer):
         score = self.quality_gate(h)  # [B, T, 1] raw, in the gate's dtype (fp32 kept fp32, autocast off)
         g = torch.sigmoid(score.float()).to(h.dtype)
         flat = h.reshape(-1, dim)
-        # the router is kept fp32 beside bf16 experts (keep_fp32_modules) and routes in its dtype
+        # the router is kept fp32 beside bf16 experts (model.precision) and routes in its dtype
         router_logits, top_k_weights, top_k_index = self.mlp.gate(flat)
         moe_out = self.mlp.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).reshape(bsz, seq, dim)
         out = residual + g * moe_out

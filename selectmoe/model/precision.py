@@ -32,14 +32,6 @@ def fp32_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if n and any(r.search(n) for r in regexes)}
 
 
-def keep_fp32_modules(model: torch.nn.Module) -> list[str]:
-    """Cast the model's fp32 modules back to fp32 (after a ``.to(bf16)``); returns their names."""
-    modules = fp32_modules(model)
-    for module in modules.values():
-        module.to(torch.float32)
-    return list(modules)
-
-
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``model.to(dtype)`` with the fp32 modules kept fp32.
 
