@@ -28,14 +28,18 @@ def ray_local():
     """A real local Ray cluster (2 CPUs) shared by every test that needs one."""
     import ray
 
+    from selectmoe.ray_utils import loopback_node
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a `ray start --head` another test runs
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}},
-        )
+        with loopback_node():
+            ray.init(
+                address="local",  # never attach to a `ray start --head` another test runs
+                num_cpus=2,
+                _node_ip_address="127.0.0.1",  # loopback only
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}},
+            )
     yield ray
     ray.shutdown()
 

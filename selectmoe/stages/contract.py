@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selectmoe import storage
 from selectmoe.config import PipelineConfig
 
 SHARDS = "shards"  # the sub-directory that makes an ingest or router-data dir readable
@@ -31,7 +32,13 @@ class Input:
     child: str | None = None  # a sub-path that must exist too (e.g. "shards")
     hub_ok: bool = False  # a relative name that does not exist may be a Hugging Face hub id
 
+    @property
+    def where(self) -> str:
+        return storage.join(self.path, self.child) if self.child else self.path
+
     def present(self) -> bool:
+        if storage.is_uri(self.path):
+            return storage.exists(self.where)
         path = Path(self.path).expanduser()
         if self.hub_ok and not path.is_absolute() and not path.exists():
             return (
@@ -41,8 +48,7 @@ class Input:
 
     def problem(self, stage: str) -> str:
         how = f"run: selectmoe run CONFIG --only {self.producer}" if self.producer else f"set {self.key}"
-        where = Path(self.path) / self.child if self.child else Path(self.path)
-        return f"{stage}: needs {self.what} at {where} ({how})"
+        return f"{stage}: needs {self.what} at {self.where} ({how})"
 
 
 @dataclass(frozen=True)
@@ -141,11 +147,10 @@ STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
 def missing_inputs(stage: str, section: Any, produced: Sequence[str] = ()) -> list[str]:
     """One line per declared input of ``stage`` (config ``section``) that is absent and not under one of
     the ``produced`` directories (outputs of stages that run before it)."""
-    roots = [Path(p) for p in produced]
+    roots = [str(p).rstrip("/") for p in produced]
 
     def covered(path: str) -> bool:
-        p = Path(path)
-        return any(p == r or r in p.parents for r in roots)
+        return any(path == r or path.startswith(r + "/") for r in roots)
 
     return [
         i.problem(stage)
