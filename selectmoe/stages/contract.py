@@ -9,8 +9,10 @@ before it creates any directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +68,11 @@ class Stage:
         return cfg if self.config is None else getattr(cfg, self.config)
 
     def run(self, cfg: PipelineConfig) -> Any:
+        """Run the stage; on shared storage (URIs) through node-local copies (:func:`on_local_disk`)."""
         module, func = self.runner.split(":")
         kwargs = {"seed": cfg.seed} if self.seeded else {}
-        return getattr(importlib.import_module(module), func)(self.section(cfg), **kwargs)
+        with on_local_disk(self, self.section(cfg)) as section:
+            return getattr(importlib.import_module(module), func)(section, **kwargs)
 
 
 def _ingested(key: str, path: str) -> Input:
@@ -157,6 +161,39 @@ def missing_inputs(stage: str, section: Any, produced: Sequence[str] = ()) -> li
         for i in STAGES_BY_NAME[stage].inputs(section)
         if not covered(i.path) and not i.present()
     ]
+
+
+# Keys a stage reads from shared storage itself (its workers on other nodes must not see a driver's copy).
+NATIVE_URI_KEYS = frozenset({"storage_path"})
+
+
+@contextlib.contextmanager
+def on_local_disk(stage: Stage, section: Any) -> Iterator[Any]:
+    """The stage's config section with its URI inputs staged to node-local copies
+    (:func:`selectmoe.storage.local_copy`) and its URI output directory replaced by a local scratch
+    directory, uploaded to the URI when the stage returns (a failed stage uploads nothing: the run's record
+    of it stays absent, so a rerun runs it again). Local paths pass unchanged, so a run on local disk or
+    NFS is exactly what it was. The stage's manifest is written into the scratch directory and uploaded
+    with its outputs; its config (what the pipeline's stage key hashes) is the section as given, URIs."""
+    if stage.config is None or not dataclasses.is_dataclass(section):
+        yield section
+        return
+    out_key = next((f.name for f in dataclasses.fields(section)
+                    if getattr(section, f.name) == stage.output(section)), None)  # fmt: skip
+    changes: dict[str, Any] = {}
+    for inp in stage.inputs(section):
+        if storage.is_uri(inp.path) and storage.exists(inp.path):
+            field, *sub = inp.key.split(".", 2)[1:]
+            if sub:  # a mapping entry, e.g. finetune.train_files.selected
+                mapping = dict(changes.get(field, getattr(section, field)))
+                mapping[sub[0]] = storage.local_copy(inp.path)
+                changes[field] = mapping
+            elif field not in NATIVE_URI_KEYS:
+                changes[field] = storage.local_copy(inp.path)
+    with contextlib.ExitStack() as stack:
+        if out_key is not None and storage.is_uri(getattr(section, out_key)):
+            changes[out_key] = str(stack.enter_context(storage.local_output(getattr(section, out_key))))
+        yield dataclasses.replace(section, **changes) if changes else section
 
 
 def check_inputs(stage: str, section: Any) -> None:
