@@ -81,10 +81,12 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"cannot fingerprint {spath}: no such file or directory")
-        if info.type == pafs.FileType.File:
-            return {"path": spath, "size": info.size, "mtime": str(info.mtime), "method": "uri-info"}
+        # "sha256" is the digest of the listing here (see "method"), so callers need no second case.
         listing = storage.tree_fingerprint(spath)
-        return {"path": spath, "listing": listing, "method": "uri-listing"}
+        if info.type == pafs.FileType.File:
+            return {"path": spath, "size": info.size, "mtime": str(info.mtime), "sha256": listing,
+                    "method": "uri-info"}  # fmt: skip
+        return {"path": spath, "sha256": listing, "method": "uri-listing"}
     local = Path(spath.removeprefix("file://"))
     if not local.exists():
         raise FileNotFoundError(f"cannot fingerprint {spath}: no such file or directory")

@@ -186,10 +186,27 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> Non
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def download_dir(location: str | os.PathLike, local_dir: str | os.PathLike) -> None:
+def download_dir(
+    location: str | os.PathLike, local_dir: str | os.PathLike, *, skip: tuple[str, ...] = ()
+) -> None:
+    """Copy every file below ``location`` into ``local_dir``; ``skip``: files whose relative path (with a
+    leading ``/``) contains one of these strings stay behind."""
     fs, path = resolve(location)
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if not skip:
+        pafs.copy_files(
+            path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        return
+    base = path.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = info.path[len(base) :]
+        if info.type != pafs.FileType.File or any(s in rel for s in skip):
+            continue
+        target = os.path.join(str(local_dir), *rel.lstrip("/").split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def cache_root() -> Path:
@@ -208,7 +225,7 @@ def tree_fingerprint(location: str | os.PathLike) -> str:
         if info.type == pafs.FileType.File
         else fs.get_file_info(pafs.FileSelector(path, recursive=True))
     )
-    digest = hashlib.sha256(str(location).encode())
+    digest = hashlib.sha256()
     for fi in sorted(infos, key=lambda f: f.path):
         if fi.type == pafs.FileType.File:
             digest.update(f"{fi.path[len(path) :]}:{fi.size}:{fi.mtime_ns}\n".encode())
@@ -216,11 +233,11 @@ def tree_fingerprint(location: str | os.PathLike) -> str:
 
 
 def local_copy(location: str | os.PathLike) -> str:
-    """A local path holding ``location``: the path itself when local, else a node-local copy under
+    """A local path holding ``location``: the location itself when local (or a hub id), else a node-local copy under
     ``cache_root()/staged/<fingerprint>`` (downloaded once per node: a finished copy is reused, concurrent
     stagers each download to a temp dir and the first rename wins)."""
     if not is_uri(location):
-        return _local(location)
+        return str(location).removeprefix("file://")
     fs, path = resolve(location)
     key = tree_fingerprint(location)[:32]
     target = cache_root() / "staged" / key / name(location)
@@ -241,6 +258,9 @@ def local_copy(location: str | os.PathLike) -> str:
     return str(target)
 
 
+_SCRATCH: dict[str, str] = {}  # open local_output scratch dirs -> the URI they are uploaded to
+
+
 @contextlib.contextmanager
 def local_output(location: str | os.PathLike) -> Iterator[Path]:
     """A local directory to write ``location``'s files into: the directory itself when local (made), else
@@ -251,8 +271,23 @@ def local_output(location: str | os.PathLike) -> Iterator[Path]:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="selectmoe-out-") as tmp:
-        yield Path(tmp)
+        _SCRATCH[tmp] = str(location).rstrip("/")
+        try:
+            yield Path(tmp)
+        finally:
+            _SCRATCH.pop(tmp, None)
         upload_dir(tmp, location)
+
+
+def published(path: str | os.PathLike) -> str:
+    """Where a file written now will live once uploaded: its URI when it lies in an open
+    :func:`local_output` scratch directory, else the path itself (absolute). For files that name other
+    files (a task YAML naming its data): the name must outlive the scratch directory."""
+    local = _local(path)
+    for tmp, uri in _SCRATCH.items():
+        if local == tmp or local.startswith(tmp + os.sep):
+            return uri + local[len(tmp) :].replace(os.sep, "/")
+    return local
 
 
 def ray_storage(location: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:

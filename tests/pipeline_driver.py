@@ -34,7 +34,11 @@ def main() -> None:
     with loopback_node():
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+            head_node_args={
+                "num_cpus": cpus_per_node,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+            },
         )
         for _ in range(args.nodes - 1):
             cluster.add_node(num_cpus=cpus_per_node, node_ip_address="127.0.0.1")

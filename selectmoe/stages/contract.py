@@ -63,6 +63,10 @@ class Stage:
     needs_ray: bool
     runner: str  # "module:function"
     seeded: bool = False  # run_<name> also takes the run's ``seed`` (the demo: its config has none)
+    # Input keys the stage reads from shared storage itself, on whichever node needs them (its Ray workers
+    # stage models through selectmoe.storage.local_copy, Ray Data reads shards by URI); other URI inputs
+    # are staged on the driver's node (on_local_disk).
+    reads_uris: tuple[str, ...] = ()
 
     def section(self, cfg: PipelineConfig) -> Any:
         return cfg if self.config is None else getattr(cfg, self.config)
@@ -109,7 +113,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             Input("warmup.model_dir", str(c.model_dir), "the converted model", "convert"),
             _ingested("warmup.ingest_dir", c.ingest_dir),
         ],
-        ("ingest", "convert"), True, "selectmoe.stages.warmup:run_warmup",
+        ("ingest", "convert"), True, "selectmoe.stages.warmup:run_warmup", reads_uris=("model_dir", "ingest_dir"),
     ),
     Stage(
         "score", "score", lambda c: c.output_dir,
@@ -117,7 +121,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             Input("score.model_dir", str(c.model_dir), "the warmup model", "warmup"),
             _ingested("score.ingest_dir", c.ingest_dir),
         ],
-        ("ingest", "warmup"), True, "selectmoe.stages.score:run_score",
+        ("ingest", "warmup"), True, "selectmoe.stages.score:run_score", reads_uris=("model_dir", "ingest_dir"),
     ),
     Stage(
         "select", "select", lambda c: c.output_dir,
@@ -130,6 +134,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "finetune", "finetune", lambda c: c.output_dir, _finetune_inputs,
         ("select", "demo"), True, "selectmoe.stages.finetune:run_finetune",
+        reads_uris=("base_model", "train_files"),
     ),
     Stage(
         "evaluate", "evaluate", lambda c: c.output_dir,
@@ -163,10 +168,6 @@ def missing_inputs(stage: str, section: Any, produced: Sequence[str] = ()) -> li
     ]
 
 
-# Keys a stage reads from shared storage itself (its workers on other nodes must not see a driver's copy).
-NATIVE_URI_KEYS = frozenset({"storage_path"})
-
-
 @contextlib.contextmanager
 def on_local_disk(stage: Stage, section: Any) -> Iterator[Any]:
     """The stage's config section with its URI inputs staged to node-local copies
@@ -182,13 +183,13 @@ def on_local_disk(stage: Stage, section: Any) -> Iterator[Any]:
                     if getattr(section, f.name) == stage.output(section)), None)  # fmt: skip
     changes: dict[str, Any] = {}
     for inp in stage.inputs(section):
-        if storage.is_uri(inp.path) and storage.exists(inp.path):
-            field, *sub = inp.key.split(".", 2)[1:]
+        field, *sub = inp.key.split(".", 2)[1:]
+        if storage.is_uri(inp.path) and field not in stage.reads_uris and storage.exists(inp.path):
             if sub:  # a mapping entry, e.g. finetune.train_files.selected
                 mapping = dict(changes.get(field, getattr(section, field)))
                 mapping[sub[0]] = storage.local_copy(inp.path)
                 changes[field] = mapping
-            elif field not in NATIVE_URI_KEYS:
+            else:
                 changes[field] = storage.local_copy(inp.path)
     with contextlib.ExitStack() as stack:
         if out_key is not None and storage.is_uri(getattr(section, out_key)):
