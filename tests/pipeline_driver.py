@@ -1,7 +1,7 @@
 """A pipeline driver for the shared-storage tests, run as its own process (its own Ray, its own nodes).
 
 ``python tests/pipeline_driver.py --nodes N --out OUTPUT_DIR --report JSON [overrides...]``: starts a Ray
-cluster of N nodes on loopback (``ray.cluster_utils.Cluster``; 1 CPU each), runs the demo pipeline twice
+cluster of N nodes on loopback (``ray.cluster_utils.Cluster``; 4 CPUs in all), runs the demo pipeline twice
 (the second run must skip every stage) and writes to JSON the stage outcomes of both runs and, per actor
 class, the node ids its actors ran on.
 """
@@ -30,7 +30,10 @@ def main() -> None:
     from selectmoe.ray_utils import WORKER_ENV, loopback_node
 
     os.environ.update(WORKER_ENV)
-    cpus_per_node = 2 // args.nodes
+    # 4 CPUs in all (logical: Ray schedules by them), 2 per node on two nodes: a score replica takes a
+    # whole CPU and leaves whole CPUs for the read tasks on some node (1-CPU nodes fragment: replicas of
+    # 0.45 CPU on each node leave no node a whole CPU for a read task, and scoring waits forever).
+    cpus_per_node = 4 // args.nodes
     with loopback_node():
         cluster = Cluster(
             initialize_head=True,

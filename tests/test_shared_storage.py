@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The reduced demo up to the selection (+ the finetune of the selected rows: Ray Train on S3 storage),
 # two train workers, two score replicas and two sweep actors so a two-node cluster gets work on each node.
 SHARED_DEMO = [
-    "stages=[ingest,convert,warmup,score,select]",
+    "stages=[ingest,convert,warmup,score,select,report]",
     "demo.n_clean=120",
     "demo.n_eval=8",
     "demo.pretrain_steps=30",
@@ -29,6 +29,7 @@ SHARED_DEMO = [
     "warmup.epochs=1",
     "warmup.probe_samples=16",
     "warmup.num_workers=2",
+    "warmup.resources_per_worker={CPU: 2}",  # a whole two-CPU node each: the workers land on both nodes
     "score.num_replicas=2",
     "select.k_range=[3,4]",
     "select.num_replicas=2",
@@ -61,18 +62,20 @@ def test_demo_on_s3_from_two_nodes_matches_one_node_on_local_disk(s3_server, tmp
     work.mkdir()
 
     shared = _drive(2, out, work, env)
-    planned = ["demo", "ingest", "convert", "warmup", "score", "select"]
+    planned = ["demo", "ingest", "convert", "warmup", "score", "select", "report"]
     assert shared["runs"][0] == dict.fromkeys(planned, "ran")
     assert shared["runs"][1] == dict.fromkeys(planned, "skipped")  # everything found complete on S3
     assert shared["node_ips"] == ["127.0.0.1"] and len(shared["cluster_nodes"]) == 2
-    for actor_class in ("RayTrainWorker", "_SweepWorker"):  # train workers and sweep actors on both nodes
-        assert len(shared["actor_nodes"].get(actor_class, [])) == 2, shared["actor_nodes"]
+    for kind in ("RayTrainWorker", "RouterScorer", "_SweepWorker"):  # each kind of worker on both nodes
+        nodes = {n for cls, ids in shared["actor_nodes"].items() if kind in cls for n in ids}
+        assert len(nodes) == 2, (kind, shared["actor_nodes"])
     # Nothing of the run on local disk: no `s3:` directory, every output under the bucket.
     assert not list(work.rglob("s3:*")) and not (REPO / "s3:").exists()
     listing = storage.list_files(out, recursive=True)
-    for stage_dir in ("demo_assets", "ingest", "converted", "warmup", "router_data", "selection"):
+    for stage_dir in ("demo_assets", "ingest", "converted", "warmup", "router_data", "selection", "report"):
         assert storage.join(out, stage_dir, "_manifest.json") in listing, stage_dir
     assert any("/ray_results/" in p and p.endswith("trainable.safetensors") for p in listing)
+    assert "k sweep" in storage.read_text(storage.join(out, "report", "report.html"))
 
     # One node, outputs on local disk, from the same converted model and ingested pool (read from S3:
     # the demo's pre-training is not rerun): the same selection.

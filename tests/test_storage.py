@@ -81,3 +81,27 @@ def test_ray_storage_splits_a_uri_into_path_and_filesystem(bucket, tmp_path):
     path, fs = storage.ray_storage(f"{bucket}/run/ray_results")
     assert path == f"{bucket.removeprefix('s3://')}/run/ray_results" and isinstance(fs, pafs.S3FileSystem)
     assert storage.ray_storage(tmp_path / "r") == (str(tmp_path / "r"), None)
+
+
+def test_demo_task_written_for_s3_is_staged_with_its_data(bucket, tmp_path, monkeypatch):
+    """The demo's task YAML names its eval file by URI when the demo is written for S3; evaluate stages the
+    task dir and that file to local copies lm-eval can read; local task dirs pass unchanged."""
+    import yaml
+
+    from selectmoe.eval_tasks import DEMO_TASK, stage_task_dirs, write_demo_task
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    demo = f"{bucket}/run/demo_assets"
+    with storage.local_output(demo) as root:
+        (root / "eval").mkdir()
+        (root / "eval" / "eval.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+        write_demo_task(root / "tasks", root / "eval" / "eval.jsonl")
+    remote = yaml.safe_load(storage.read_text(f"{demo}/tasks/{DEMO_TASK}.yaml"))
+    assert remote["dataset_kwargs"]["data_files"] == {"test": f"{demo}/eval/eval.jsonl"}
+
+    local_dir = tmp_path / "local_tasks"
+    staged = stage_task_dirs([f"{demo}/tasks", str(local_dir)])
+    assert staged[1] == str(local_dir) and staged[0].startswith(str(tmp_path / "cache"))
+    task = yaml.safe_load(Path(staged[0], f"{DEMO_TASK}.yaml").read_text())
+    data = Path(task["dataset_kwargs"]["data_files"]["test"])
+    assert data.is_file() and json.loads(data.read_text())["choices"] == ["a", "b"]
