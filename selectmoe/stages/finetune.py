@@ -216,8 +216,9 @@ def build_dataset(cfg: FinetuneConfig, path: str, tokenizer_dir: str):
         raise FileNotFoundError(f"selection file {path} does not exist (run the select stage first)")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     spec = EncodingSpec(max_length=cfg.max_length, label_mode=cfg.label_mode).to_dict()
-    fs, inner = storage.resolve(path)  # read by Ray Data tasks on any node: the URI, not a driver copy
-    ds = ray.data.read_json(inner, filesystem=fs, lines=True, file_extensions=None)
+    # read by Ray Data tasks on any node: the URI itself, not a driver copy (Ray resolves it with pyarrow,
+    # which reads the endpoint and keys from the environment; `filesystem=` is refused with lines=True)
+    ds = ray.data.read_json(str(path), lines=True, file_extensions=None)
     keep = [c for c in ("id", "dataset", "messages") if c in ds.columns()]
     if "messages" not in keep:
         raise ValueError(f"{path}: selection rows need a 'messages' field")
