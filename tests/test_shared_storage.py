@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,16 @@ def _drive(nodes: int, out: str, cwd: Path, env: dict[str, str], extra: list[str
            "--out", out, "--report", str(report), *SHARED_DEMO, *extra]  # fmt: skip
     env = {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    # Its own process group: on a timeout the driver and the Ray nodes it started go together.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the {nodes}-node pipeline driver timed out:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-5000:] + stderr[-5000:]
     return json.loads(report.read_text())
 
 
