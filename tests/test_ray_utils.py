@@ -44,3 +44,27 @@ def test_missing_or_garbled_file_means_no_head(tmp_path, monkeypatch):
     assert ray_utils.running_local_head() is None
     _address_file(tmp_path, monkeypatch, "not-an-address")
     assert ray_utils.running_local_head() is None
+
+
+def test_in_process_ray_listens_on_loopback_only():
+    """``init_ray`` without a cluster starts one node bound to 127.0.0.1, not the machine's interface
+    address (a fresh interpreter: the session's Ray may already run in this one)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import psutil, ray\n"
+        "from selectmoe import ray_utils\n"
+        "ray_utils.running_local_head = lambda: None\n"  # never join a head another process started
+        "ray_utils.init_ray(num_cpus=1)\n"
+        "print('NODE', [n['NodeManagerAddress'] for n in ray.nodes()])\n"
+        "pids = {p.pid for p in [psutil.Process(), *psutil.Process().children(recursive=True)]}\n"
+        "ips = {c.laddr.ip.removeprefix('::ffff:') for c in psutil.net_connections('tcp')\n"
+        "       if c.status == 'LISTEN' and c.pid in pids}\n"
+        "print('LISTEN', sorted(ips))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith(("NODE ", "LISTEN "))]
+    assert line == ["NODE ['127.0.0.1']", "LISTEN ['127.0.0.1']"], done.stdout[-2000:] + done.stderr[-2000:]

@@ -33,6 +33,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from selectmoe import storage
 from selectmoe.data.readers import Source, expand_inputs, iter_rows
 from selectmoe.data.records import (
     DUPLICATE_ID,
@@ -452,8 +453,10 @@ def ensure_ingested(
     return _ingest(inputs, sources, out, fmt, strict, max_chars, chunk_rows, progress)
 
 
-def list_shards(ingest_dir: str | os.PathLike) -> list[Path]:
-    """The ingested shards, sorted by name: the order of the pool."""
+def list_shards(ingest_dir: str | os.PathLike) -> list[Path] | list[str]:
+    """The ingested shards, sorted by name: the order of the pool (``Path``s; URIs for a URI dir)."""
+    if storage.is_uri(ingest_dir):
+        return storage.list_files(storage.join(ingest_dir, SHARDS_DIR), suffix=".parquet")
     d = Path(ingest_dir) / SHARDS_DIR
     return sorted(d.glob("*.parquet")) if d.is_dir() else []
 
@@ -468,7 +471,7 @@ def iter_ingested_records(
     import pyarrow.parquet as pq
 
     for path in shards if shards is not None else list_shards(ingest_dir):
-        pf = pq.ParquetFile(str(path))
+        pf = pq.ParquetFile(storage.open_input(path))
         for batch in pf.iter_batches(batch_size=batch_rows):
             for row in batch.to_pylist():
                 row["messages"] = json.loads(row["messages"])

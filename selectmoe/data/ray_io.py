@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from selectmoe import storage
 from selectmoe.data.encoding import ChatEncoder, EncodingSpec
 
 # The columns THE encoder adds (their Arrow types).
@@ -42,7 +43,10 @@ def read_ingested(ingest_dir: str | os.PathLike, *, shards: Sequence[str | os.Pa
     if not paths:
         raise FileNotFoundError(f"no ingested shards under {ingest_dir} (run the ingest stage first)")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(paths, file_extensions=["parquet"])
+    fs = storage.resolve(paths[0])[0]  # one filesystem (its endpoint and keys travel to the read tasks)
+    return ray.data.read_parquet(
+        [storage.resolve(p)[1] for p in paths], filesystem=fs, file_extensions=["parquet"]
+    )
 
 
 def _messages_column(table: pa.Table) -> list[list[dict[str, Any]]]:
@@ -58,7 +62,7 @@ class EncodeBatch:
     def __init__(self, tokenizer_dir: str, spec: Mapping[str, Any] | EncodingSpec | None = None):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(tokenizer_dir))
         self.encoder = ChatEncoder(self.tokenizer, EncodingSpec.from_dict(spec))
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:

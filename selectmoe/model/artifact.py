@@ -11,10 +11,14 @@ Layout::
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from selectmoe import storage
 
 SELECTOR_JSON = "selector.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -44,7 +48,9 @@ def save_selector(
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(clean, str(out / TRAINABLE_FILE), metadata={"format": "pt", "trainable_mode": trainable_mode})
     meta = {
-        "base_model_dir": str(Path(base_model_dir).resolve()),
+        "base_model_dir": str(base_model_dir)
+        if storage.is_uri(base_model_dir)
+        else str(Path(base_model_dir).resolve()),
         "trainable_mode": trainable_mode,
         "encoding": dict(encoding or {}),
         "model_config_overrides": dict(config_overrides or {}),
@@ -78,8 +84,8 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     return value
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in _TOKENIZER_FILES)
+def _has_tokenizer(path) -> bool:
+    return any(storage.is_file(storage.join(path, f)) for f in _TOKENIZER_FILES)
 
 
 def _load_select_moe(model_dir: Path, overrides: dict[str, Any], dtype=None):
@@ -109,27 +115,33 @@ def read_selector_meta(path) -> dict[str, Any] | None:
     """``selector.json`` of an artefact with ``base_model_dir`` made absolute; ``None`` for a plain model dir.
 
     The one reader of the file: the driver gets the encoding, tokenizer and base model without loading
-    weights."""
-    root = Path(path)
-    selector_json = root / SELECTOR_JSON
-    if not selector_json.is_file():
+    weights. ``path`` and the base may be URIs (shared storage); a URI base is kept as given."""
+    selector_json = storage.join(path, SELECTOR_JSON)
+    if not storage.is_file(selector_json):
         return None
-    meta = json.loads(selector_json.read_text())
-    base = Path(meta["base_model_dir"])
-    meta["base_model_dir"] = str(base if base.is_absolute() else (root / base).resolve())
+    meta = json.loads(storage.read_text(selector_json))
+    base = str(meta["base_model_dir"])
+    if not storage.is_uri(base) and not os.path.isabs(base):
+        if storage.is_uri(path):
+            scheme, rest = str(path).split("://", 1)
+            base = f"{scheme}://{posixpath.normpath(posixpath.join(rest, base))}"
+        else:
+            base = str((Path(path) / base).resolve())
+    meta["base_model_dir"] = base
     return meta
 
 
-def selector_model_dir(path) -> Path:
-    """The directory holding the model's ``config.json``: the base of an artefact, else ``path`` itself."""
+def selector_model_dir(path) -> str:
+    """The directory holding the model's ``config.json``: the base of an artefact, else ``path`` itself
+    (a local path or a URI: read it through :func:`selectmoe.storage.local_copy`)."""
     meta = read_selector_meta(path)
-    return Path(meta["base_model_dir"]) if meta is not None else Path(path)
+    return str(meta["base_model_dir"]) if meta is not None else str(path)
 
 
-def selector_tokenizer_dir(path) -> Path:
-    """Where :func:`load_selector` takes the tokenizer from: the artefact when it holds one, else its base."""
-    root = Path(path)
-    return root if _has_tokenizer(root) else selector_model_dir(root)
+def selector_tokenizer_dir(path) -> str:
+    """Where :func:`load_selector` takes the tokenizer from: the artefact when it holds one, else its base
+    (a local path or a URI, so a worker on another node stages it itself)."""
+    return str(path) if _has_tokenizer(path) else selector_model_dir(path)
 
 
 def selector_encoding(path) -> dict[str, Any]:
@@ -153,11 +165,11 @@ def load_selector(path, *, dtype=None, device=None):
     from selectmoe.model.precision import cast_model
     from selectmoe.model.trainable import import_trainable
 
-    root = Path(path)
-    meta = read_selector_meta(root)
+    root = Path(storage.local_copy(path))  # shared storage: a node-local copy (once per node)
+    meta = read_selector_meta(path)
     target_dtype = _resolve_dtype(dtype)
     if meta is not None:
-        base = Path(meta["base_model_dir"])
+        base = Path(storage.local_copy(meta["base_model_dir"]))
         model = _load_select_moe(base, meta.get("model_config_overrides") or {}, target_dtype)
         tensor_file = root / TRAINABLE_FILE
         if tensor_file.is_file():

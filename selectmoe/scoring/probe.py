@@ -157,8 +157,9 @@ class ProbeEval:
             from transformers import AutoTokenizer
 
             from selectmoe.data.encoding import ChatEncoder, EncodingSpec
+            from selectmoe.storage import local_copy
 
-            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            tok = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_dir))
             self._state = (
                 ChatEncoder(tok, EncodingSpec.from_dict(self.encoding)),
                 build_probe_set(self.records, seed=self.seed),

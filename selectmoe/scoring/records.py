@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from selectmoe import storage
 from selectmoe.manifest import fingerprint
 from selectmoe.router_data import SHARD_DIR
 from selectmoe.scoring.model import resolve_dtype
@@ -41,7 +42,8 @@ def out_path(out_dir: Path, name: str) -> Path:
 
 def input_record(path: Path) -> dict[str, Any]:
     fp = fingerprint(path)
-    return {"sha256": fp["sha256"], "size": fp["size"], "rows": pq.ParquetFile(path).metadata.num_rows}
+    rows = pq.ParquetFile(storage.open_input(path)).metadata.num_rows
+    return {"sha256": fp["sha256"], "size": fp["size"], "rows": rows}
 
 
 def shard_is_done(out_dir: Path, name: str, inp: Mapping[str, Any], model_fp: str) -> bool:
@@ -66,7 +68,7 @@ def finish_shard(out_dir: Path, name: str, ingest_shard: Path, inp: Mapping[str,
     """Verify a closed output shard against its ingest shard, then write its completion record."""
     out = out_path(out_dir, name)
     got = pq.read_table(out, columns=["id"]).column("id").to_pylist()
-    want = pq.read_table(ingest_shard, columns=["id"]).column("id").to_pylist()
+    want = pq.read_table(storage.open_input(ingest_shard), columns=["id"]).column("id").to_pylist()
     if len(got) != len(want) or len(set(got)) != len(got) or set(got) != set(want):
         missing, extra = set(want) - set(got), set(got) - set(want)
         out.unlink(missing_ok=True)

@@ -121,5 +121,6 @@ def model_shape_of(model_dir: str) -> tuple[int, int]:
 
     import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
     from selectmoe.model.artifact import selector_model_dir
+    from selectmoe.storage import local_copy
 
-    return model_shape(AutoConfig.from_pretrained(selector_model_dir(model_dir)))
+    return model_shape(AutoConfig.from_pretrained(local_copy(selector_model_dir(model_dir))))

@@ -9,12 +9,15 @@ before it creates any directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selectmoe import storage
 from selectmoe.config import PipelineConfig
 
 SHARDS = "shards"  # the sub-directory that makes an ingest or router-data dir readable
@@ -31,7 +34,13 @@ class Input:
     child: str | None = None  # a sub-path that must exist too (e.g. "shards")
     hub_ok: bool = False  # a relative name that does not exist may be a Hugging Face hub id
 
+    @property
+    def where(self) -> str:
+        return storage.join(self.path, self.child) if self.child else self.path
+
     def present(self) -> bool:
+        if storage.is_uri(self.path):
+            return storage.exists(self.where)
         path = Path(self.path).expanduser()
         if self.hub_ok and not path.is_absolute() and not path.exists():
             return (
@@ -41,8 +50,7 @@ class Input:
 
     def problem(self, stage: str) -> str:
         how = f"run: selectmoe run CONFIG --only {self.producer}" if self.producer else f"set {self.key}"
-        where = Path(self.path) / self.child if self.child else Path(self.path)
-        return f"{stage}: needs {self.what} at {where} ({how})"
+        return f"{stage}: needs {self.what} at {self.where} ({how})"
 
 
 @dataclass(frozen=True)
@@ -55,14 +63,20 @@ class Stage:
     needs_ray: bool
     runner: str  # "module:function"
     seeded: bool = False  # run_<name> also takes the run's ``seed`` (the demo: its config has none)
+    # Input keys the stage reads from shared storage itself, on whichever node needs them (its Ray workers
+    # stage models through selectmoe.storage.local_copy, Ray Data reads shards by URI); other URI inputs
+    # are staged on the driver's node (on_local_disk).
+    reads_uris: tuple[str, ...] = ()
 
     def section(self, cfg: PipelineConfig) -> Any:
         return cfg if self.config is None else getattr(cfg, self.config)
 
     def run(self, cfg: PipelineConfig) -> Any:
+        """Run the stage; on shared storage (URIs) through node-local copies (:func:`on_local_disk`)."""
         module, func = self.runner.split(":")
         kwargs = {"seed": cfg.seed} if self.seeded else {}
-        return getattr(importlib.import_module(module), func)(self.section(cfg), **kwargs)
+        with on_local_disk(self, self.section(cfg)) as section:
+            return getattr(importlib.import_module(module), func)(section, **kwargs)
 
 
 def _ingested(key: str, path: str) -> Input:
@@ -99,7 +113,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             Input("warmup.model_dir", str(c.model_dir), "the converted model", "convert"),
             _ingested("warmup.ingest_dir", c.ingest_dir),
         ],
-        ("ingest", "convert"), True, "selectmoe.stages.warmup:run_warmup",
+        ("ingest", "convert"), True, "selectmoe.stages.warmup:run_warmup", reads_uris=("model_dir", "ingest_dir"),
     ),
     Stage(
         "score", "score", lambda c: c.output_dir,
@@ -107,7 +121,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             Input("score.model_dir", str(c.model_dir), "the warmup model", "warmup"),
             _ingested("score.ingest_dir", c.ingest_dir),
         ],
-        ("ingest", "warmup"), True, "selectmoe.stages.score:run_score",
+        ("ingest", "warmup"), True, "selectmoe.stages.score:run_score", reads_uris=("model_dir", "ingest_dir"),
     ),
     Stage(
         "select", "select", lambda c: c.output_dir,
@@ -120,6 +134,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "finetune", "finetune", lambda c: c.output_dir, _finetune_inputs,
         ("select", "demo"), True, "selectmoe.stages.finetune:run_finetune",
+        reads_uris=("base_model", "train_files"),
     ),
     Stage(
         "evaluate", "evaluate", lambda c: c.output_dir,
@@ -141,17 +156,45 @@ STAGES_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
 def missing_inputs(stage: str, section: Any, produced: Sequence[str] = ()) -> list[str]:
     """One line per declared input of ``stage`` (config ``section``) that is absent and not under one of
     the ``produced`` directories (outputs of stages that run before it)."""
-    roots = [Path(p) for p in produced]
+    roots = [str(p).rstrip("/") for p in produced]
 
     def covered(path: str) -> bool:
-        p = Path(path)
-        return any(p == r or r in p.parents for r in roots)
+        return any(path == r or path.startswith(r + "/") for r in roots)
 
     return [
         i.problem(stage)
         for i in STAGES_BY_NAME[stage].inputs(section)
         if not covered(i.path) and not i.present()
     ]
+
+
+@contextlib.contextmanager
+def on_local_disk(stage: Stage, section: Any) -> Iterator[Any]:
+    """The stage's config section with its URI inputs staged to node-local copies
+    (:func:`selectmoe.storage.local_copy`) and its URI output directory replaced by a local scratch
+    directory, uploaded to the URI when the stage returns (a failed stage uploads nothing: the run's record
+    of it stays absent, so a rerun runs it again). Local paths pass unchanged, so a run on local disk or
+    NFS is exactly what it was. The stage's manifest is written into the scratch directory and uploaded
+    with its outputs; its config (what the pipeline's stage key hashes) is the section as given, URIs."""
+    if stage.config is None or not dataclasses.is_dataclass(section):
+        yield section
+        return
+    out_key = next((f.name for f in dataclasses.fields(section)
+                    if getattr(section, f.name) == stage.output(section)), None)  # fmt: skip
+    changes: dict[str, Any] = {}
+    for inp in stage.inputs(section):
+        field, *sub = inp.key.split(".", 2)[1:]
+        if storage.is_uri(inp.path) and field not in stage.reads_uris and storage.exists(inp.path):
+            if sub:  # a mapping entry, e.g. finetune.train_files.selected
+                mapping = dict(changes.get(field, getattr(section, field)))
+                mapping[sub[0]] = storage.local_copy(inp.path)
+                changes[field] = mapping
+            else:
+                changes[field] = storage.local_copy(inp.path)
+    with contextlib.ExitStack() as stack:
+        if out_key is not None and storage.is_uri(getattr(section, out_key)):
+            changes[out_key] = str(stack.enter_context(storage.local_output(getattr(section, out_key))))
+        yield dataclasses.replace(section, **changes) if changes else section
 
 
 def check_inputs(stage: str, section: Any) -> None:

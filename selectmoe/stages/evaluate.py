@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from selectmoe.config import EvaluateConfig
-from selectmoe.eval_tasks import check_tasks_offline, write_less_tasks
+from selectmoe.eval_tasks import check_tasks_offline, stage_task_dirs, write_less_tasks
 from selectmoe.manifest import jsonable, write_manifest
 from selectmoe.markdown import markdown_table
 from selectmoe.stages.contract import check_inputs
@@ -339,7 +339,10 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     for adapter in runs.values():
         if adapter is not None:
             check_adapter(adapter, cfg.base_model)  # every adapter validated before anything is evaluated
-    include_path = [*write_less_tasks(cfg, Path(cfg.output_dir) / "tasks"), *cfg.include_path]
+    include_path = [
+        *write_less_tasks(cfg, Path(cfg.output_dir) / "tasks"),
+        *stage_task_dirs(cfg.include_path),
+    ]
     check_tasks_offline(cfg, include_path)
     kwargs = dict(
         num_fewshot=dict(cfg.num_fewshot),

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from selectmoe import storage
 from selectmoe.config import FinetuneConfig
 from selectmoe.manifest import write_manifest
 from selectmoe.stages.contract import check_inputs
@@ -121,7 +122,8 @@ class LoraModelFactory:
     def base(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=dtype)
+        # a train worker on any node: a node-local copy of a base model on shared storage
+        model = AutoModelForCausalLM.from_pretrained(storage.local_copy(self.base_model), dtype=dtype)
         if self.vocab_size is not None and model.get_input_embeddings().weight.shape[0] != self.vocab_size:
             model.resize_token_embeddings(self.vocab_size, mean_resizing=False)
         if self.pad_token_id is not None:
@@ -193,7 +195,7 @@ def prepare_tokenizer(cfg: FinetuneConfig):
     """The base model's tokenizer; ``<pad>`` added when it has none (returns ``(tokenizer, added)``)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(cfg.base_model))
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{cfg.base_model}: a fast tokenizer is required (the encoder uses offsets)")
     added = False
@@ -211,11 +213,13 @@ def build_dataset(cfg: FinetuneConfig, path: str, tokenizer_dir: str):
     from selectmoe.data.encoding import EncodingSpec
     from selectmoe.data.ray_io import encode_rows
 
-    if not Path(path).is_file():
+    if not storage.is_file(path):
         raise FileNotFoundError(f"selection file {path} does not exist (run the select stage first)")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     spec = EncodingSpec(max_length=cfg.max_length, label_mode=cfg.label_mode).to_dict()
-    ds = ray.data.read_json(path, lines=True, file_extensions=None)
+    # read by Ray Data tasks on any node: the URI itself, not a driver copy (Ray resolves it with pyarrow,
+    # which reads the endpoint and keys from the environment; `filesystem=` is refused with lines=True)
+    ds = ray.data.read_json(str(path), lines=True, file_extensions=None)
     keep = [c for c in ("id", "dataset", "messages") if c in ds.columns()]
     if "messages" not in keep:
         raise ValueError(f"{path}: selection rows need a 'messages' field")
@@ -245,7 +249,7 @@ def build_dataset(cfg: FinetuneConfig, path: str, tokenizer_dir: str):
 
 def model_input(model: str) -> Any:
     """A manifest input for a model: its directory's fingerprint, or its name (a hub id)."""
-    return str(model) if Path(model).exists() else {"name": str(model)}
+    return str(model) if storage.exists(model) else {"name": str(model)}
 
 
 def _run_name(cfg: FinetuneConfig, name: str, path: str, use_gpu: bool) -> str:

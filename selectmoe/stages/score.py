@@ -37,6 +37,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from selectmoe import storage
 from selectmoe.config import ScoreConfig
 from selectmoe.data.truncation import TRUNCATION_COLUMNS, truncation_summary
 from selectmoe.manifest import read_manifest, write_manifest
@@ -93,7 +94,7 @@ def run_score(
     check_inputs("score", cfg)
     t0 = time.perf_counter()
     ingest_counts = (read_manifest(cfg.ingest_dir) or {}).get("counts") or {}
-    ingest_shards = [Path(p) for p in list_shards(cfg.ingest_dir)]
+    ingest_shards = list_shards(cfg.ingest_dir)  # Paths, or URIs on shared storage
     out_dir = Path(cfg.output_dir)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     names = {shard_name(p): p for p in ingest_shards}
@@ -151,7 +152,7 @@ def run_score(
         rows_scored=rows_scored,
         tokens_scored=tokens,
         rejected=int(ingest_counts.get("n_rejected", 0)),
-        rejected_path=str(Path(cfg.ingest_dir) / "rejected.jsonl"),
+        rejected_path=storage.join(cfg.ingest_dir, "rejected.jsonl"),
         shards_scored=sorted(scored),
         shards_skipped=sorted(skipped),
         model_fingerprint=model_fp,
@@ -159,14 +160,14 @@ def run_score(
         wall_s=time.perf_counter() - t0,
         truncation=truncation,
     )
-    ingest_manifest = Path(cfg.ingest_dir) / "_manifest.json"
+    ingest_manifest = storage.join(cfg.ingest_dir, "_manifest.json")
     write_manifest(
         out_dir,
         stage="score",
         config=cfg,
         inputs={
             "model_dir": {"sha256": model_fp},
-            **({"ingest": ingest_manifest} if ingest_manifest.is_file() else {}),
+            **({"ingest": ingest_manifest} if storage.is_file(ingest_manifest) else {}),
         },
         counts={
             "rows": total_rows,

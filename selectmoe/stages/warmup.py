@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from selectmoe import storage
 from selectmoe.config import WarmupConfig
 from selectmoe.stages.contract import check_inputs
 
@@ -106,8 +107,10 @@ class SelectorModelFactory:
 
     def __call__(self, dtype: torch.dtype = torch.float32):
         from selectmoe.model import SelectMoeForCausalLM, apply_trainable
+        from selectmoe.storage import local_copy
 
-        model = SelectMoeForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        # a train worker on any node: a node-local copy of the (possibly shared-storage) model
+        model = SelectMoeForCausalLM.from_pretrained(local_copy(self.model_dir), dtype=dtype)
         for key, value in self.overrides.items():
             setattr(model.config, key, value)
         apply_trainable(
@@ -179,7 +182,8 @@ def _read_ids(shards: Sequence[str]) -> list[str]:
 
     ids: list[str] = []
     for path in shards:
-        ids.extend(str(x) for x in pq.read_table(str(path), columns=["id"]).column("id").to_pylist())
+        table = pq.read_table(storage.open_input(path), columns=["id"])
+        ids.extend(str(x) for x in table.column("id").to_pylist())
     return ids
 
 
@@ -234,7 +238,7 @@ def run_warmup(cfg: WarmupConfig, *, callbacks: list | None = None, name: str | 
         if str(r["id"]) in held_set
     ]
     spec_enc = EncodingSpec(max_length=cfg.max_length, label_mode=cfg.label_mode)
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(cfg.model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"tokenizer of {cfg.model_dir} has neither a pad nor an eos token")

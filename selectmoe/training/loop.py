@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selectmoe import storage
 from selectmoe.config import TrainingConfig
 from selectmoe.data.encoding import IGNORE_INDEX, pad_columns
 from selectmoe.manifest import jsonable
@@ -178,6 +179,7 @@ def fit(
     spec = _replace(spec, cpu_threads=max(1, int(cpus)))
     storage_path = resolve_storage(train.storage_path)
     _check_storage(storage_path)
+    ray_path, ray_fs = storage.ray_storage(storage_path)  # a URI: the path in its bucket + the filesystem
     if metrics_dir is not None:
         callbacks = [
             metrics_log_callback(metrics_dir, storage_path=storage_path, name=name),
@@ -197,7 +199,8 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -220,8 +223,10 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     metrics = dict(result.metrics or {})
+    # On shared storage the checkpoint is read back through a local copy (safetensors loads local files).
+    local = ray_fs is None
     return LoopResult(
-        checkpoint_path=result.checkpoint.path,
+        checkpoint_path=result.checkpoint.path if local else result.checkpoint.to_directory(),
         metrics=metrics,
         steps=int(metrics.get("step", 0)),
         wall_s=time.perf_counter() - t0,
@@ -235,7 +240,7 @@ def _replace(spec: LoopSpec, **changes) -> LoopSpec:
 
 
 def _check_storage(storage_path: str) -> None:
-    if "://" in storage_path:
+    if storage.is_uri(storage_path):
         return
     import ray
 
@@ -657,7 +662,7 @@ class _PeakMemory:
 
 def resolve_storage(storage_path: str) -> str:
     """Ray Train's ``storage_path``: a URI as given, a local path made absolute."""
-    return str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
+    return str(storage_path) if storage.is_uri(storage_path) else str(Path(storage_path).resolve())
 
 
 def metrics_log_callback(run_dir: str | Path, *, storage_path: str, name: str):
@@ -671,7 +676,7 @@ def metrics_log_callback(run_dir: str | Path, *, storage_path: str, name: str):
 
     path = Path(run_dir) / METRICS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in storage_path or not (Path(storage_path) / name).exists():
+    if storage.is_uri(storage_path) or not (Path(storage_path) / name).exists():
         path.unlink(missing_ok=True)
 
     class _MetricsLog(UserCallback):
