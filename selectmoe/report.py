@@ -3,8 +3,9 @@
 ``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
 expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
 AUC, the evaluation table and, for the demo, first of all: how many known-bad samples each selection kept,
-its cluster coverage, each scorer's AUC against the hidden labels and the eval accuracy of every finetune
-arm against the base (mean ± SE over the seeds of ``benchmarks/demo_seeds.py`` when it ran).
+its cluster coverage, each scorer's AUC against the hidden labels, and whether selection helped: per
+question, selected - arm for every other finetune arm and the base, with its paired 95% interval, pooled
+over this run and the seeds of ``benchmarks/demo_seeds.py`` when it ran.
 Every section is optional: a run that stopped early still gets a report of what exists.
 """
 
