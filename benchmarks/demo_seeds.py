@@ -1,10 +1,12 @@
-"""Did selection help? The demo's finetune arms over several seeds (mean ± standard error).
+"""Did selection help? The whole demo over several seeds, compared per question (paired bootstrap).
 
-Reuses one finished ``selectmoe demo --out OUT`` (its assets, ingest and score outputs: those do not
-depend on the finetune seed) and, per seed, reruns select (k-means init, the random baseline), finetune
-(LoRA init, data order, dropout) and evaluate into ``OUT/seeds/seed_<s>/``. ``--full-pool`` adds the arm
-trained on every ingested row at the same settings (about 10x the steps of a 10% selection). Prints the
-table; ``selectmoe report demo output_dir=OUT`` then puts it on the report's first screen.
+Each seed is a whole ``selectmoe demo`` with ``seed=<s>`` in ``OUT/seeds/seed_<s>/``: its own pool,
+pre-trained selector base and target, eval questions, selection and finetunes (a seed that only reran
+select and finetune on one build would measure one pool's luck, not the method). ``--full-pool`` adds the
+arm trained on every ingested row at the same settings (about 10x the steps of a 10% selection). Prints
+each arm's accuracy per seed and ``selected - arm`` per question with its 95% interval, pooled over the
+seeds and ``OUT``'s own run; ``selectmoe report demo output_dir=OUT`` puts the same on the report's first
+screen. A finished seed is not rerun (every stage's manifest matches).
 
     PYTHONPATH=$PWD python benchmarks/demo_seeds.py --out outputs/demo --seeds 0 1 2 --full-pool
 """
@@ -15,6 +17,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+PRE_FINETUNE = ("demo", "ingest", "convert", "warmup", "score", "select")
 
 
 def write_full_pool(ingest_dir: str, path: Path) -> int:
@@ -31,21 +35,21 @@ def write_full_pool(ingest_dir: str, path: Path) -> int:
     return n
 
 
-def seed_config(out: Path, seed: int, *, full_pool: bool, extra: list[str]):
+def run_seed(out: Path, seed: int, *, full_pool: bool, extra: list[str]) -> Path:
+    """The whole demo for ``seed`` under ``out/seeds/seed_<seed>``; returns that run's output dir."""
     from selectmoe.config import load_config
+    from selectmoe.pipeline import run_pipeline
+    from selectmoe.report import SEEDS_DIR
 
-    run = out / "seeds" / f"seed_{seed}"
-    overrides = [
-        f"output_dir={out}",
-        f"seed={seed}",
-        f"select.output_dir={run}/select",
-        f"finetune.output_dir={run}/finetune",
-        f"finetune.storage_path={run}/ray_results",
-        f"evaluate.output_dir={run}/evaluate",
-    ]
+    run = out / SEEDS_DIR / f"seed_{seed}"
+    overrides = [f"output_dir={run}", f"seed={seed}", *extra]
     if full_pool:
+        cfg = load_config("demo", overrides)
+        run_pipeline(cfg, only=list(PRE_FINETUNE))
+        write_full_pool(cfg.data.ingest_dir, run / "full_pool.jsonl")
         overrides.append(f"finetune.train_files.full_pool={run}/full_pool.jsonl")
-    return load_config("demo", [*overrides, *extra]), run
+    run_pipeline(load_config("demo", overrides))
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,37 +62,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    configs = [seed_config(out, seed, full_pool=args.full_pool, extra=args.overrides) for seed in args.seeds]
-    if not (Path(configs[0][0].score.output_dir) / "shards").is_dir():
-        parser.error(
-            f"{configs[0][0].score.output_dir}: no shards; run `selectmoe demo --out {args.out}` first"
-        )
 
-    from selectmoe.ray_utils import init_ray
-    from selectmoe.report import DEMO_TASK, eval_arms, eval_verdict
-    from selectmoe.stages.evaluate import run_evaluate
-    from selectmoe.stages.finetune import run_finetune
-    from selectmoe.stages.select import run_select
+    from selectmoe.config import load_config
+    from selectmoe.report import (
+        DEMO_TASK,
+        build_run_report,
+        eval_arms,
+        eval_dirs,
+        eval_verdict,
+        paired_vs_arms,
+    )
 
-    init_ray(None)
-    comparisons = []
-    for seed, (cfg, run) in zip(args.seeds, configs, strict=True):
+    main_cfg = load_config("demo", [f"output_dir={out}", *args.overrides])
+    if main_cfg.seed in args.seeds:
+        parser.error(f"seed {main_cfg.seed} is {out}'s own run (the same build, the same figures)")
+    for seed in args.seeds:
         t0 = time.perf_counter()
-        run_select(cfg.select)
-        if args.full_pool:
-            write_full_pool(cfg.data.ingest_dir, run / "full_pool.jsonl")
-        run_finetune(cfg.finetune)
-        run_evaluate(cfg.evaluate)
-        comparisons.append(json.loads((run / "evaluate" / "comparison.json").read_text()))
+        run_seed(out, seed, full_pool=args.full_pool, extra=args.overrides)
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    arms, n = eval_arms(comparisons, DEMO_TASK)
-    print(f"\n{DEMO_TASK} accuracy over {n} seeds {args.seeds} (mean ± standard error):")
-    print("| finetuned on | accuracy | per seed |\n|---|---|---|")
+    dirs = eval_dirs(main_cfg)
+    arms, n = eval_arms([json.loads((d / "comparison.json").read_text()) for d in dirs], DEMO_TASK)
+    print(f"\n{DEMO_TASK} accuracy over {n} runs ({', '.join(str(d.parent) for d in dirs)}):")
+    print("| finetuned on | mean | per run |\n|---|---|---|")
     for run, arm in arms.items():
-        se = "" if arm["se"] is None else f" ± {arm['se']:.3f}"
-        print(f"| {run} | {arm['mean']:.3f}{se} | {' '.join(f'{v:.3f}' for v in arm['values'])} |")
-    print("\n" + eval_verdict(arms))
+        print(f"| {run} | {arm['mean']:.3f} | {' '.join(f'{v:.3f}' for v in arm['values'])} |")
+    print("\n" + "\n".join(eval_verdict(arms, paired_vs_arms(dirs, DEMO_TASK))))
+    if (Path(main_cfg.score.output_dir) / "shards").is_dir():
+        build_run_report(main_cfg)
+        print(f"report: {out / 'report' / 'report.html'}")
     return 0
 
 

@@ -19,32 +19,40 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
-def choice_accuracy(model, tokenizer, eval_path: Path) -> float:
-    """Share of questions whose correct choice has the highest summed log-likelihood after the prompt."""
+def choice_correct(model, tokenizer, eval_path: Path, batch: int = 128) -> np.ndarray:
+    """Per question, 1 when the correct choice has the highest summed log-likelihood after the prompt
+    (lm-eval's ``acc``); the choices of many questions go through the model together."""
     from selectmoe.eval_tasks import demo_prompt_template
 
     template = demo_prompt_template().replace("{{question.strip()}}", "{q}")
     rows = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+    seqs, ctx_lens = [], []
+    for row in rows:
+        ctx = tokenizer(template.format(q=row["question"].strip()))["input_ids"]
+        for c in row["choices"]:
+            seqs.append(ctx + tokenizer(c)["input_ids"])
+            ctx_lens.append(len(ctx))
+    scores = np.zeros(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
     model.eval()
-    hits = 0
     with torch.no_grad():
-        for row in rows:
-            ctx = tokenizer(template.format(q=row["question"].strip()))["input_ids"]
-            seqs = [ctx + tokenizer(c)["input_ids"] for c in row["choices"]]
-            ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            ids = torch.full((len(idx), max(len(seqs[j]) for j in idx)), tokenizer.pad_token_id)
             mask = torch.zeros_like(ids)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            for k, j in enumerate(idx):
+                ids[k, : len(seqs[j])], mask[k, : len(seqs[j])] = torch.tensor(seqs[j]), 1
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            scores = [
-                logp[j, torch.arange(len(ctx) - 1, len(s) - 1), torch.tensor(s[len(ctx) :])].sum().item()
-                for j, s in enumerate(seqs)
-            ]
-            hits += int(max(range(len(scores)), key=scores.__getitem__) == row["answer"])
-    return hits / len(rows)
+            for k, j in enumerate(idx):
+                s, c = seqs[j], ctx_lens[j]
+                scores[j] = logp[k, torch.arange(c - 1, len(s) - 1), torch.tensor(s[c:])].sum().item()
+    n_choices = len(rows[0]["choices"])
+    best = scores.reshape(len(rows), n_choices).argmax(axis=1)
+    return (best == np.array([r["answer"] for r in rows])).astype(np.float64)
 
 
 def lora_finetune(model, tokenizer, records: list[dict], ft, *, seed: int):
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from selectmoe.config import load_config
     from selectmoe.demo import _pretrain, _read_records
+    from selectmoe.evaluation.paired import paired_difference
     from selectmoe.model.tiny import build_tiny_dense_target
 
     cfg = load_config("demo", [f"output_dir={Path(args.out).resolve()}"])
@@ -118,21 +127,34 @@ def main(argv: list[str] | None = None) -> int:
     corpus = _read_records(sorted((root / "pretrain_corpus").glob("pool-*.jsonl")))
     data = arms(cfg.data.ingest_dir, str(root / "pool_labels.jsonl"), args.rows, seed=cfg.seed)
     eval_path = root / "eval" / "demo_eval.jsonl"
-    print("| pre-training steps | base | " + " | ".join(data) + " |\n|---" * (len(data) + 2) + "|")
+    names = list(data)
+    print(
+        "| pre-training steps | base | "
+        + " | ".join(names)
+        + f" | {names[0]} - {names[1]} (paired 95% interval) | {names[0]} - base |\n"
+        + "|---" * (len(names) + 4)
+        + "|"
+    )
     for steps in args.pretrain_steps:
         target = build_tiny_dense_target(tokenizer, arch="llama", seed=cfg.seed)
         _pretrain(target, tokenizer, corpus, cfg.demo, steps=steps, seed=cfg.seed + 3)
         state = {k: v.clone() for k, v in target.state_dict().items()}
-        cells = [f"{choice_accuracy(target, tokenizer, eval_path):.3f}"]
-        for records in data.values():
-            accs = []
+        base = choice_correct(target, tokenizer, eval_path)
+        cells, correct = [f"{base.mean():.3f}"], {}
+        for name, records in data.items():
+            correct[name] = []
             for seed in args.seeds:
                 target.load_state_dict(state)
                 tuned = lora_finetune(target, tokenizer, records, cfg.finetune, seed=seed)
-                accs.append(choice_accuracy(tuned, tokenizer, eval_path))
+                correct[name].append(choice_correct(tuned, tokenizer, eval_path))
                 target = tuned.unload()
+            accs = [c.mean() for c in correct[name]]
             se = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
             cells.append(f"{statistics.mean(accs):.3f} ± {se:.3f}")
+        d = paired_difference(correct[names[0]], correct[names[1]])
+        vs_base = paired_difference(correct[names[0]], [base] * len(args.seeds))
+        cells.append(f"{d.mean:+.3f} ({d.low:+.3f} to {d.high:+.3f})")
+        cells.append(f"{vs_base.mean:+.3f} ({vs_base.low:+.3f} to {vs_base.high:+.3f})")
         print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -42,7 +42,9 @@ class DemoConfig:
     dir: str = MISSING
     n_clean: int = 1600  # clean samples across the demo skills
     bad_fraction: float = 0.25  # share of known-bad twins (labels hidden from the pipeline)
-    n_eval: int = 210  # held-out multiple-choice questions for the demo lm-eval task (30 per skill)
+    # held-out multiple-choice questions for the demo lm-eval task (200 per skill): a paired selected - random
+    # difference needs ~1,000+ (210 questions have a standard error of ~0.03 on their own)
+    n_eval: int = 1400
     vocab_size: int = 2048  # byte-level BPE trained on the pool
     # LM pre-training of the tiny base: long enough that it knows the skills' facts, so that its perplexity
     # catches a wrong result (wrong_answer AUC within dataset 0.78 at 300 steps, 0.87 at 800: benchmarks.md)

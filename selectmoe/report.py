@@ -3,8 +3,9 @@
 ``build_router_report`` is the router-data analysis alone (quality distributions, per-layer gate means,
 expert usage per dataset); ``build_run_report`` adds stage timings, counts, the k curves, clusters, probe
 AUC, the evaluation table and, for the demo, first of all: how many known-bad samples each selection kept,
-its cluster coverage, each scorer's AUC against the hidden labels and the eval accuracy of every finetune
-arm against the base (mean ± SE over the seeds of ``benchmarks/demo_seeds.py`` when it ran).
+its cluster coverage, each scorer's AUC against the hidden labels, and whether selection helped: per
+question, selected - arm for every other finetune arm and the base, with its paired 95% interval, pooled
+over this run and the seeds of ``benchmarks/demo_seeds.py`` when it ran.
 Every section is optional: a run that stopped early still gets a report of what exists.
 """
 
@@ -22,9 +23,11 @@ import numpy as np
 
 from selectmoe.config import STAGES, PipelineConfig
 from selectmoe.eval_tasks import DEMO_TASK
+from selectmoe.evaluation.paired import PairedDifference, paired_difference, paired_verdict
 from selectmoe.manifest import read_manifest
 from selectmoe.markdown import markdown_table
 from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure, pyplot
+from selectmoe.stages.evaluate import PER_QUESTION
 
 
 @dataclass
@@ -333,6 +336,7 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
     chosen = sets.get("selected", {})
     rnd = sets.get("random", {})
     arms, n_files = eval_arms(_comparisons(cfg), DEMO_TASK)
+    verdict = eval_verdict(arms, paired_vs_arms(eval_dirs(cfg), DEMO_TASK))
     if chosen:
         lines = [
             f"Known-bad share: selected {chosen['bad_share']:.3f} vs pool {pool['bad_share']:.3f} vs random "
@@ -348,7 +352,7 @@ def _answer(report: Report, cfg: PipelineConfig) -> None:
                 f"Its score separates clean from known-bad rows with AUC {ranked['overall']:.3f} "
                 f"(weakest kind: {worst} {ranked[worst]:.3f}; every scorer below)."
             )
-        report.items("What the selection achieved", [*lines, *([eval_verdict(arms)] if arms else [])])
+        report.items("What the selection achieved", [*lines, *verdict])
     if arms:
         _arms_table(report, arms, n_files)
     rows = [
@@ -397,6 +401,8 @@ RUN_LABELS = {
     "proportional": "proportional, same budget",
     "full_pool": "full pool",
 }
+RUN_SHORT = {"top_k": "top-k", "full_pool": "full pool", "base": "base"}  # the verdict's arm names
+PAIRED_ORDER = ("random", "top_k", "proportional", "full_pool", "base")
 METRIC_LABELS = {
     "acc": "accuracy",
     "acc_norm": "accuracy (length-normalised)",
@@ -405,11 +411,17 @@ METRIC_LABELS = {
 }
 
 
+def eval_dirs(cfg: PipelineConfig) -> list[Path]:
+    """This run's evaluate dir and those of ``benchmarks/demo_seeds.py``'s runs (``<output_dir>/seeds/*``,
+    each a whole demo with its own seed: pool, pre-training, eval questions, selection, finetune)."""
+    own = Path(cfg.evaluate.output_dir).resolve()
+    seeds = sorted(d.resolve() for d in (Path(cfg.output_dir) / SEEDS_DIR).glob("*/evaluate"))
+    return [d for d in [own, *(d for d in seeds if d != own)] if (d / "comparison.json").is_file()]
+
+
 def _comparisons(cfg: PipelineConfig) -> list[dict]:
-    """One evaluate ``comparison.json`` per seed: the extra-seed runs when there are any, else this run's."""
-    seeds = sorted((Path(cfg.output_dir) / SEEDS_DIR).glob("*/evaluate/comparison.json"))
-    paths = seeds or [p for p in [Path(cfg.evaluate.output_dir) / "comparison.json"] if p.is_file()]
-    return [json.loads(p.read_text()) for p in paths]
+    """One evaluate ``comparison.json`` per seed (this run's and the seed study's)."""
+    return [json.loads((d / "comparison.json").read_text()) for d in eval_dirs(cfg)]
 
 
 def eval_arms(
@@ -435,28 +447,52 @@ def _pm(arm: dict[str, Any]) -> str:
     return f"{arm['mean']:.3f}" + (f" ± {arm['se']:.3f}" if arm["se"] is not None else "")
 
 
-def eval_verdict(arms: dict[str, dict[str, Any]]) -> str:
-    """The answer in one sentence: selected vs random (in standard errors of the difference) and vs base."""
-    sel, rnd, base = arms.get("selected"), arms.get("random"), arms.get("base")
-    if not sel or not rnd:
-        return ""
-    diff = sel["mean"] - rnd["mean"]
-    parts = [f"Demo eval accuracy: selected {_pm(sel)} vs random {_pm(rnd)}"]
-    if base:
-        parts.append(f" vs base {_pm(base)}")
-    if sel["se"] is None or rnd["se"] is None:
-        parts.append(
-            f" (one seed, no error bars: benchmarks/demo_seeds.py runs 3); selected - random = {diff:+.3f}."
-        )
-        return "".join(parts)
-    se = float(np.hypot(sel["se"], rnd["se"]))
-    z = diff / se if se > 0 else np.sign(diff) * float("inf")
-    met = diff >= 2 * se and (base is None or min(sel["mean"], rnd["mean"]) > base["mean"])
-    parts.append(
-        f" over {sel['n']} seeds; selected - random = {diff:+.3f} = {z:+.1f} SE of the difference: the target "
-        f"(selected >= random + 2 SE, both above base) is {'met' if met else 'missed'}."
+def per_question_runs(eval_dir: str | Path, task: str, metric: str = "acc") -> dict[str, np.ndarray]:
+    """``run -> each question's metric`` from an evaluate dir's ``<run>/per_question.json``."""
+    out = {}
+    for path in sorted(Path(eval_dir).glob(f"*/{PER_QUESTION}.json")):
+        table = json.loads(path.read_text()).get(task) or {}
+        if metric in table:
+            out[path.parent.name] = np.asarray(table[metric], dtype=np.float64)
+    return out
+
+
+def paired_vs_arms(
+    dirs: list[Path], task: str, *, reference: str = "selected", metric: str = "acc"
+) -> dict[str, PairedDifference]:
+    """``arm -> reference - arm`` per question, paired within each evaluate dir (seed), pooled over the
+    dirs that have both runs; arms in the report's order (random, top-k, ..., full pool, base)."""
+    per_seed = [per_question_runs(d, task, metric) for d in dirs]
+    names = {run for runs in per_seed for run in runs} - {reference}
+    out = {}
+    for arm in [*[r for r in PAIRED_ORDER if r in names], *sorted(names - set(PAIRED_ORDER))]:
+        pairs = [(runs[reference], runs[arm]) for runs in per_seed if reference in runs and arm in runs]
+        if pairs:
+            out[arm] = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    return out
+
+
+def eval_verdict(arms: dict[str, dict[str, Any]], paired: dict[str, PairedDifference]) -> list[str]:
+    """The answer, one line per arm: selected - arm per question with its 95% interval, in words; then
+    whether the demo's target (selected beats random beyond noise, and the base target) is met."""
+    sel = arms.get("selected")
+    if not sel or not paired:
+        return []
+    accs = ", ".join(
+        f"{RUN_SHORT.get(r, r)} {arms[r]['mean']:.3f}" for r in ["selected", *paired] if r in arms
     )
-    return "".join(parts)
+    seeds = f"mean over {sel['n']} seeds" if sel["n"] > 1 else "one seed"
+    lines = [f"Demo eval accuracy ({seeds}): {accs}."]
+    lines += [paired_verdict(d, "selected", RUN_SHORT.get(arm, arm)) for arm, d in paired.items()]
+    rnd, base = paired.get("random"), paired.get("base")
+    if rnd is not None and base is not None:
+        met = rnd.helped and base.mean > 0
+        lines.append(
+            "The demo's target (selected beats random with the paired 95% interval above 0, and beats the base "
+            f"target) is {'met' if met else 'missed'}"
+            + ("." if met else ": this demo does not show that the selection improves the finetuned model.")
+        )
+    return lines
 
 
 def _arms_table(report: Report, arms: dict[str, dict[str, Any]], n_seeds: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from selectmoe.data.corruptions import CORRUPTIONS, corrupt
-from selectmoe.data.demo_pool import BAD_KINDS, SKILLS, build_demo_eval, build_demo_pool
+from selectmoe.data.demo_pool import BAD_KINDS, EVAL_CHOICE_KINDS, SKILLS, build_demo_eval, build_demo_pool
 from selectmoe.data.ingest import ingest_pool, iter_ingested_records
 
 
@@ -82,18 +82,27 @@ def test_demo_eval(tmp_path: Path):
     assert Counter(r["skill"] for r in rows) == {s: 10 for s in SKILLS}
     for r in rows:
         assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and 0 <= r["answer"] < 4
+        assert sorted(r["kinds"]) == sorted(EVAL_CHOICE_KINDS) and r["kinds"][r["answer"]] == "clean"
     assert path.read_bytes() == build_demo_eval(tmp_path / "eval2", n=70, seed=5).read_bytes()
-    # the pool teaches exactly these answers: the correct choice appears as "The answer is X."
+    # the correct choice is what a clean pool row teaches: "... The answer is X."
     capitals = next(r for r in rows if r["skill"] == "capitals")
     country = capitals["question"].rstrip("?.").split(" of ")[-1]
     from selectmoe.data.demo_pool import _CAPITALS
 
     capital = dict(_CAPITALS)[country]
-    assert capitals["choices"][capitals["answer"]] == (
+    by_kind = dict(zip(capitals["kinds"], capitals["choices"], strict=True))
+    assert by_kind["clean"] == (
         f"The seat of the national government of {country} is {capital}. The answer is {capital}."
     )
-    # the four choices are the same explanation with different final answers
-    assert len({c.split(" is ")[0] for c in capitals["choices"]}) == 1
+    # the distractors are what the bad kinds teach: a wrong result in the same explanation, the same
+    # words shuffled, another skill's answer
+    wrong = by_kind["wrong_answer"]
+    assert wrong.startswith(f"The seat of the national government of {country} is ") and capital not in wrong
+    assert sorted(by_kind["shuffle_words"].split()) == sorted(by_kind["clean"].split())
+    assert by_kind["shuffle_words"] != by_kind["clean"]
+    assert "national government" not in by_kind["swap_response"]
+    # the correct choice is spread over the four positions
+    assert {r["answer"] for r in rows} == {0, 1, 2, 3}
 
 
 def test_corruptions_deterministic_and_effective():

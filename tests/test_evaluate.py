@@ -105,6 +105,11 @@ def test_evaluate_base_and_adapter_on_real_mmlu_subject(assets, tmp_path):
         assert results["n-shot"]["mmlu_abstract_algebra"] == 0
         assert results["n-samples"]["mmlu_abstract_algebra"]["effective"] == 10
         assert result.runs[run]["mmlu_abstract_algebra"]["acc"] == acc
+        # each question's score, for a paired comparison of the runs on the same questions
+        per_q = json.loads((tmp_path / "eval" / run / "per_question.json").read_text())
+        assert per_q["mmlu_abstract_algebra"]["doc_id"] == list(range(10))
+        assert sum(per_q["mmlu_abstract_algebra"]["acc"]) / 10 == pytest.approx(acc)
+        assert "per_question" not in results
     assert json.loads((tmp_path / "eval" / "sel" / "results.json").read_text())["selectmoe"]["model_args"][
         "peft"
     ] == str(adapters / "sel" / "adapter")

@@ -151,49 +151,82 @@ def test_report_selection_plots_are_the_select_stages(tmp_path):
     assert means[0] == 0.4 and np.isnan(means[1])
 
 
-def test_report_eval_arms_over_seeds(tmp_path):
-    """Three seeds' comparisons -> mean ± SE per arm on the first screen, and the verdict sentence."""
-    from selectmoe.config import PipelineConfig
-    from selectmoe.report import build_run_report, eval_arms, eval_verdict
+def _seed_evals(root, correct: dict[str, list[int]], n: int = 100) -> list:
+    """One evaluate dir per seed: ``run -> first k of n questions right`` (comparison + per question)."""
     from selectmoe.stages.evaluate import comparison_rows
 
-    accs = {"base": [0.5, 0.5, 0.5], "selected": [0.70, 0.72, 0.74], "random": [0.60, 0.62, 0.61]}
-    comparisons = []
-    for s in range(3):
-        runs = {run: {"selectmoe_demo": {"acc": v[s], "acc_norm": 0.3}} for run, v in accs.items()}
-        comp = {"runs": runs, "rows": comparison_rows(runs)}
-        comparisons.append(comp)
-        path = tmp_path / "run" / "seeds" / f"seed_{s}" / "evaluate" / "comparison.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(comp))
+    dirs = []
+    for s in range(len(next(iter(correct.values())))):
+        d = root / "seeds" / f"seed_{s}" / "evaluate"
+        runs = {run: {"selectmoe_demo": {"acc": k[s] / n, "acc_norm": 0.3}} for run, k in correct.items()}
+        d.mkdir(parents=True)
+        (d / "comparison.json").write_text(json.dumps({"runs": runs, "rows": comparison_rows(runs)}))
+        for run, k in correct.items():
+            (d / run).mkdir()
+            acc = [1.0] * k[s] + [0.0] * (n - k[s])
+            (d / run / "per_question.json").write_text(json.dumps({"selectmoe_demo": {"acc": acc}}))
+        dirs.append(d)
+    return dirs
+
+
+def test_report_eval_arms_over_seeds(tmp_path):
+    """Three seeds' per-question results -> paired selected - arm with its interval on the first screen."""
+    from selectmoe.config import PipelineConfig
+    from selectmoe.report import build_run_report, eval_arms, eval_verdict, paired_vs_arms
+
+    correct = {"base": [50, 50, 50], "selected": [70, 71, 72], "random": [60, 60, 60], "top_k": [72, 71, 70]}
+    dirs = _seed_evals(tmp_path / "run", correct)
+    comparisons = [json.loads((d / "comparison.json").read_text()) for d in dirs]
     arms, n = eval_arms(comparisons, "selectmoe_demo")
-    assert n == 3 and arms["selected"]["mean"] == pytest.approx(0.72)
-    assert arms["selected"]["se"] == pytest.approx(0.02 / np.sqrt(3))
-    assert arms["base"]["se"] == 0.0
-    verdict = eval_verdict(arms)
-    # difference 0.11 over sqrt(0.02² + 0.01²)/sqrt(3) = 0.0129: 8.5 SE
-    assert "selected 0.720 ± 0.012 vs random 0.610 ± 0.006 vs base 0.500 ± 0.000 over 3 seeds" in verdict
-    assert "selected - random = +0.110 = +8.5 SE of the difference" in verdict and "is met" in verdict
-    one, _ = eval_arms(comparisons[:1], "selectmoe_demo")
-    assert one["selected"]["se"] is None and "one seed, no error bars" in eval_verdict(one)
-    lower = {**arms, "random": {**arms["random"], "mean": 0.45}}  # below base: missed
-    assert "is missed" in eval_verdict(lower)
+    assert n == 3 and arms["selected"]["mean"] == pytest.approx(0.71)
+    paired = paired_vs_arms(dirs, "selectmoe_demo")
+    assert list(paired) == ["random", "top_k", "base"]
+    assert paired["random"].seed_means == pytest.approx((0.10, 0.11, 0.12))
+    assert paired["top_k"].mean == 0.0 and paired["top_k"].low < 0 < paired["top_k"].high
+    lines = eval_verdict(arms, paired)
+    assert (
+        lines[0]
+        == "Demo eval accuracy (mean over 3 seeds): selected 0.710, random 0.600, top-k 0.710, base 0.500."
+    )
+    # 33 of 300 questions +1, the rest 0: SE sqrt(0.11 * 0.89 / 300) = 0.018
+    assert lines[1].startswith("selected - random = +0.110 (paired 95% interval +0.07")
+    assert lines[1].endswith("300 questions, 3 seeds): selected beat random: the whole interval is above 0.")
+    assert "no evidence that selected differs from top-k" in lines[2]
+    assert lines[-1].endswith("is met.")
+    one = paired_vs_arms(dirs[:1], "selectmoe_demo")
+    assert "1 seed)" in eval_verdict(eval_arms(comparisons[:1], "selectmoe_demo")[0], one)[1]
 
     router, sel, labels = _demo_run(tmp_path)
     cfg = PipelineConfig(output_dir=str(tmp_path / "run"))
     cfg.demo.enabled, cfg.demo.dir = True, str(labels.parent)
     cfg.score.output_dir, cfg.select.output_dir = str(router), str(sel)
-    cfg.evaluate.output_dir = str(tmp_path / "run" / "seeds" / "seed_0" / "evaluate")
+    cfg.evaluate.output_dir = str(dirs[0])  # this run is seed 0: counted once
     cfg.data.ingest_dir = cfg.warmup.output_dir = str(tmp_path / "none")
     build_run_report(cfg)
     md = (tmp_path / "run" / "report" / "report.md").read_text()
     sections = md.split("\n## ")
-    assert sections[1].startswith("What the selection achieved") and "is met" in sections[1]
+    assert sections[1].startswith("What the selection achieved") and "is met." in sections[1]
+    assert "selected - random = +0.110" in sections[1] and "selected - base = +0.210" in sections[1]
     assert sections[2].startswith("Did selection help? Demo eval accuracy after a LoRA finetune")
-    assert "| selected (this pipeline) | 0.720 ± 0.012 | +0.220 | 3 | 0.700 0.720 0.740 |" in md
+    assert "| selected (this pipeline) | 0.710 ± 0.006 | +0.210 | 3 | 0.700 0.710 0.720 |" in md
     assert "| base target, no finetune | 0.500 ± 0.000 | +0.000 | 3 | 0.500 0.500 0.500 |" in md
     # the per-run lm-eval table has readable column labels, not raw metric keys
     assert "| finetuned on | selectmoe_demo: accuracy | selectmoe_demo: accuracy (length-normalised) |" in md
+
+
+def test_report_says_when_selection_did_not_help(tmp_path):
+    from selectmoe.report import eval_arms, eval_verdict, paired_vs_arms
+
+    dirs = _seed_evals(tmp_path, {"base": [60], "selected": [62], "random": [64]})
+    arms, _ = eval_arms([json.loads((d / "comparison.json").read_text()) for d in dirs], "selectmoe_demo")
+    lines = eval_verdict(arms, paired_vs_arms(dirs, "selectmoe_demo"))
+    assert (
+        "selected - random = -0.020" in lines[1]
+        and "no evidence that selected differs from random" in lines[1]
+    )
+    assert lines[-1].endswith(
+        "is missed: this demo does not show that the selection improves the finetuned model."
+    )
 
 
 def test_dataset_mix_entropy_by_hand():

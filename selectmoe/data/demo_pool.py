@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selectmoe.data.corruptions import CORRUPTIONS, corrupt
+from selectmoe.data.corruptions import CORRUPTIONS, corrupt, shuffle_words
 from selectmoe.data.records import stable_id
 
 BAD_KINDS = (*CORRUPTIONS, "wrong_answer")
@@ -447,13 +447,22 @@ def build_demo_pool(
 
 
 # --------------------------------------------------------------------------- eval
-def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
-    """``out_dir/demo_eval.jsonl``: ``{"question", "choices": [4 str], "answer": int, "skill"}`` rows,
-    round-robin over the skills; the clean pool teaches exactly these answers.
+EVAL_CHOICE_KINDS = ("clean", "wrong_answer", "shuffle_words", "swap_response")
 
-    Each choice is the full explained answer the pool's format uses, ending in one of the four final
-    answers: a bare "42" right after the assistant tag is text the model never sees in training, so its
-    likelihood measures answer-length priors, not the skill (a random-init target scored 0.45 that way)."""
+
+def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
+    """``out_dir/demo_eval.jsonl``: ``{"question", "choices": [4 str], "answer": int, "skill", "kinds"}``
+    rows, round-robin over the skills, questions the pool never holds.
+
+    The four choices are what the pool's rows teach for this question: the correct explained answer
+    (``clean``), and what three of the known-bad kinds would teach instead: the same explanation with a
+    wrong result (``wrong_answer``), the correct answer's words shuffled (``shuffle_words``) and the
+    answer to another skill's question (``swap_response``). ``kinds[j]`` names choice ``j``. A finetune
+    on clean rows makes the correct answer more likely against all three; bad rows in the training set
+    teach the model to accept wrong results, garbled word order and answers that ignore the question --
+    which is what selection is meant to keep out. Every choice is a full answer in the pool's format: a
+    bare "42" right after the assistant tag is text the model never sees in training (its likelihood
+    measured answer-length priors, not the skill)."""
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -462,15 +471,23 @@ def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
     for i in range(n):
         skill = names[i % len(names)]
         item = SKILLS[skill](rng)
-        finals = [item.correct, *item.wrong[:3]]
-        rng.shuffle(finals)
+        donor = SKILLS[names[(i + rng.randint(1, len(names) - 1)) % len(names)]](rng)
+        texts = {
+            "clean": item.answer,
+            "wrong_answer": item.explain(rng.choice(item.wrong)),
+            "shuffle_words": shuffle_words(item.answer, rng),
+            "swap_response": donor.answer,
+        }
+        kinds = list(EVAL_CHOICE_KINDS)
+        rng.shuffle(kinds)
         lines.append(
             json.dumps(
                 {
                     "question": item.prompt,
-                    "choices": [item.explain(v) for v in finals],
-                    "answer": finals.index(item.correct),
+                    "choices": [texts[k] for k in kinds],
+                    "answer": kinds.index("clean"),
                     "skill": skill,
+                    "kinds": kinds,
                 },
                 ensure_ascii=False,
             )

@@ -18,7 +18,9 @@ Per run, one lm-eval ``HFLM(pretrained=base_model, peft=adapter_dir, dtype=...)`
 ``lm_eval.simple_evaluate`` is called once per few-shot group.
 
 Outputs: ``output_dir/<run>/results.json`` (lm-eval's results, merged over the calls, JSON-safe, plus the
-model args), ``output_dir/comparison.json`` = ``{"runs": {run: {task: {metric: value}}}, "rows": [...]}``
+model args), ``output_dir/<run>/per_question.json`` (``{task: {"doc_id": [...], "acc": [...]}}``: each
+question's score, for paired comparisons of runs, :mod:`selectmoe.evaluation.paired`),
+``output_dir/comparison.json`` = ``{"runs": {run: {task: {metric: value}}}, "rows": [...]}``
 (``rows``: one flat row per run for the report table) and ``comparison.md``.
 
 Where it runs: when the Ray cluster has GPUs (and ``device`` is ``auto``/``cuda``), one Ray task per run
@@ -50,6 +52,7 @@ from selectmoe.stages.contract import check_inputs
 logger = logging.getLogger(__name__)
 
 BASE_RUN = "base"
+PER_QUESTION = "per_question"  # results key and <run>/per_question.json: each question's score
 ADAPTER_DIR = "adapter"
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _CONFIG_IGNORE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -252,6 +255,7 @@ def evaluate_model(
         include_path=[str(p) for p in include_path] or None, include_defaults=include_defaults
     )
     merged: dict[str, Any] = {}
+    per_question: dict[str, dict[str, list[float]]] = {}
     for shots, group in group_by_fewshot(list(tasks), num_fewshot).items():
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -259,7 +263,7 @@ def evaluate_model(
             num_fewshot=shots,
             task_manager=task_manager,
             limit=limit,
-            log_samples=False,
+            log_samples=True,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -267,9 +271,29 @@ def evaluate_model(
         )
         if out is None:  # non-zero rank under accelerate; never the case here
             continue
+        per_question.update(per_question_scores(out.pop("samples", None) or {}))
         _merge(merged, json.loads(json.dumps(jsonable(out), default=str)))
     merged["selectmoe"] = {"model_args": model_args, "device": device, "num_fewshot": dict(num_fewshot)}
+    merged[PER_QUESTION] = per_question
     return merged
+
+
+def per_question_scores(samples: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """``{task: {"doc_id": [...], metric: [...]}}`` from lm-eval's logged samples, sorted by ``doc_id``:
+    what a paired comparison of two runs on the same questions needs (the aggregate accuracy hides which
+    questions each run got right). Numeric metrics only."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for task, rows in samples.items():
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        metrics = [
+            m
+            for m in (rows[0].get("metrics") or [] if rows else [])
+            if all(isinstance(r.get(m), (int, float)) and not isinstance(r.get(m), bool) for r in rows)
+        ]
+        table[task] = {"doc_id": [int(r["doc_id"]) for r in rows]}
+        for m in metrics:
+            table[task][m] = [float(r[m]) for r in rows]
+    return table
 
 
 def summarize(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -371,6 +395,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     for run, results in all_results.items():
         path = out_dir / run / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f"{PER_QUESTION}.json").write_text(json.dumps(results.pop(PER_QUESTION, {})) + "\n")
         path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         paths[run] = str(path)
         table[run] = summarize(results)
