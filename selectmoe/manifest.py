@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selectmoe.cpu_isa import cpu_isa_level
+
 MANIFEST_NAME = "_manifest.json"
 _TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow", "numpy")
 # Every file is hashed whole: a head+tail sample misses a same-size edit in the middle, and sha256 with
@@ -104,6 +106,7 @@ def package_versions() -> dict[str, str]:
             except metadata.PackageNotFoundError:
                 continue
     versions["python"] = platform.python_version()
+    versions["cpu_isa"] = cpu_isa_level()  # torch's CPU kernels round per level (selectmoe.cpu_isa)
     return versions
 
 
