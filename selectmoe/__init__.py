@@ -2,12 +2,19 @@
 
 Importing the package imports nothing heavy (the CLI's ``--help`` must not wait for torch); submodules load
 on first use, ``selectmoe.model`` (which registers ``select_moe`` with the transformers Auto classes) too.
+
+Importing it pins torch's CPU kernels to one instruction set (``selectmoe.cpu_isa``): every entry point
+imports the package before torch runs a kernel, so results do not depend on the CPU they ran on.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from selectmoe.cpu_isa import pin_cpu_isa
+
+pin_cpu_isa()
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from selectmoe import storage
+from selectmoe.cpu_isa import cpu_isa_level
 
 MANIFEST_NAME = "_manifest.json"
 _TRACKED_PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow", "numpy")
@@ -114,6 +115,7 @@ def package_versions() -> dict[str, str]:
             except metadata.PackageNotFoundError:
                 continue
     versions["python"] = platform.python_version()
+    versions["cpu_isa"] = cpu_isa_level()  # torch's CPU kernels round per level (selectmoe.cpu_isa)
     return versions
 
 

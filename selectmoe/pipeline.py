@@ -24,6 +24,7 @@ from typing import Any
 from selectmoe import storage
 from selectmoe.code_version import code_version
 from selectmoe.config import PipelineConfig
+from selectmoe.cpu_isa import cpu_isa_level
 from selectmoe.eval_tasks import check_eval_tasks_offline
 from selectmoe.manifest import MANIFEST_NAME, config_hash, read_manifest, write_manifest
 from selectmoe.ray_utils import init_ray
@@ -80,7 +81,13 @@ def stage_key(cfg: PipelineConfig, stage: str) -> str:
     }
     code = code_version(STAGES_BY_NAME[stage].runner.split(":")[0])
     return config_hash(
-        {"stage": stage, "config": _stage_config(cfg, stage), "upstream": upstream, "code": code}
+        {
+            "stage": stage,
+            "config": _stage_config(cfg, stage),
+            "upstream": upstream,
+            "code": code,
+            "cpu_isa": cpu_isa_level(),  # results differ per kernel level (selectmoe.cpu_isa)
+        }
     )
 
 

@@ -8,10 +8,14 @@ import os
 import socket
 import tempfile
 
+from selectmoe.cpu_isa import cpu_isa_env
+
 logger = logging.getLogger(__name__)
 
-# Env vars every Ray worker needs: offline hub, quiet tokenizers, Train V2.
+# Env vars every Ray worker needs: offline hub, quiet tokenizers, Train V2, the pinned CPU kernels (set at
+# worker start: a worker may run a torch kernel before it imports selectmoe).
 WORKER_ENV = {
+    **cpu_isa_env(),
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import selectmoe  # noqa: F401  (pins torch's CPU kernels to one level before any runs: selectmoe.cpu_isa)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,7 +30,7 @@ def ray_local():
     """A real local Ray cluster (2 CPUs) shared by every test that needs one."""
     import ray
 
-    from selectmoe.ray_utils import loopback_node
+    from selectmoe.ray_utils import WORKER_ENV, loopback_node
 
     if not ray.is_initialized():
         with loopback_node():
@@ -39,7 +41,7 @@ def ray_local():
                 _node_ip_address="127.0.0.1",  # loopback only
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}},
+                runtime_env={"env_vars": dict(WORKER_ENV)},
             )
     yield ray
     ray.shutdown()

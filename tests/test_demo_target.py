@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 # first loss and mean of the last 10 of 12 seeded steps (deterministic CPU kernels, 2 threads)
 PINNED_TARGET_LOSSES = (5.732, 4.5111)
 
@@ -23,6 +25,7 @@ def _assets(root: Path) -> None:
     train_bpe_tokenizer(texts, vocab_size=300).save_pretrained(root / "tokenizer")
 
 
+@pytest.mark.pinned
 def test_target_pretrained_and_eval_written(tmp_path: Path):
     from transformers import AutoModelForCausalLM
 

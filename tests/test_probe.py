@@ -125,6 +125,7 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     assert flat["probe_response_nll_auc"] == pytest.approx(result["scorers"]["response_nll"]["overall"])
 
 
+@pytest.mark.pinned
 def test_probe_cli(selector_dir, tmp_path, capsys):
     """The CLI on a selector whose gates carry a (seeded random) signal: its AUCs are pinned (CPU, fp32)."""
     from selectmoe.cli import main

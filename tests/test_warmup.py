@@ -115,6 +115,7 @@ def _check_artefact(model_dir: str, base_dir: str, mode: str):
     assert tok.pad_token_id is not None
 
 
+@pytest.mark.pinned
 @pytest.mark.slow
 def test_warmup_two_workers_improves_probe(ray_local, assets, tmp_path):
     """2 DDP workers, 51 steps of ``gates_only``: the probe AUC rises above the untrained model's.
@@ -191,6 +192,7 @@ def _losses(out: Path) -> list[float]:
     return [round(r["loss"], 5) for r in rows]
 
 
+@pytest.mark.pinned
 @pytest.mark.slow
 def test_warmup_resume_reproduces_and_a_changed_config_retrains(ray_local, assets, tmp_path, monkeypatch):
     """LoRA routers, 1 worker, 6 steps (mid-epoch), checkpoints every 2 steps.
