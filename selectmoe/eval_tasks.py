@@ -108,13 +108,16 @@ def write_demo_task(tasks_dir: str | Path, eval_path: str | Path) -> Path:
     if not eval_path.is_file():
         raise FileNotFoundError(f"demo eval file {eval_path} does not exist")
     tasks_dir = Path(tasks_dir)
+    dev_path = eval_path.with_name("demo_dev.jsonl")  # the few-shot split (targeted selection's targets)
+    dev = {"dev": str(dev_path)} if dev_path.is_file() else {}
     _dump(
         tasks_dir / f"{DEMO_TASK}.yaml",
         {
             "task": DEMO_TASK,
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(eval_path)}},
+            "dataset_kwargs": {"data_files": {"test": str(eval_path), **dev}},
             "test_split": "test",
+            **({"fewshot_split": "dev"} if dev else {}),
             "output_type": "multiple_choice",
             "doc_to_text": demo_prompt_template(),
             "doc_to_choice": "{{choices}}",

@@ -240,6 +240,26 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
     counts = sel.get("counts") or {}
     if counts:
         report.table("Selection", ["count", "value"], [[k, v] for k, v in counts.items()])
+    if sel.get("target"):
+        _targeted(report, sel["target"])
+
+
+def _targeted(report: Report, target: dict[str, Any]) -> None:
+    """Targeted selection: per target task, each set's mean best cosine similarity to its examples, and
+    what computing it cost (scoring the examples, then one pass over the pool's features)."""
+    sims = target.get("mean_similarity") or {}
+    sets = list(sims)
+    rows = [
+        [task, n, *[(sims[s] or {}).get(task) for s in sets]]
+        for task, n in (target.get("tasks") or {}).items()
+    ]
+    how = "cached" if target.get("cached") else "scored"
+    report.table(
+        f"Targeted selection ({target.get('features')} features): mean best similarity to the target examples "
+        f"(examples {how} in {target.get('wall_s')} s, pool similarity {target.get('similarity_s')} s)",
+        ["target task", "examples", *sets],
+        rows,
+    )
 
 
 SET_NAMES = {"selected_data": "selected", "selected_random": "random", "selected_top_k": "top_k"}

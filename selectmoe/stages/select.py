@@ -38,8 +38,10 @@ from selectmoe.manifest import fingerprint, read_manifest, write_manifest
 from selectmoe.router_data import load_router_data
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
+from selectmoe.selection.targeted import TARGETED, targeted_round_robin
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 from selectmoe.stages.contract import check_inputs
+from selectmoe.stages.select_targets import target_similarity
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,10 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     n = len(rd)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
+    if TARGETED in (cfg.policy, *cfg.baselines) and not cfg.target:
+        raise ValueError(
+            "select.policy=targeted needs select.target (target examples: a JSONL or an eval task)"
+        )
     if cfg.score not in available_scorers(rd):
         raise ValueError(
             f"select.score={cfg.score!r}: not one of the scorers {cfg.router_dir} has values for "
@@ -144,11 +150,19 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     quality = scorer_values(rd, cfg.score, groups=rank_groups(rd, cfg.rank_within))
 
     budget = budget_for(n, cfg.selection_percentage)
+    arms = [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
+    target = target_similarity(cfg, rd) if cfg.target else None
     picks = {
-        name: get_policy(policy, quality_floor=cfg.quality_floor)(
-            quality, labels, budget, ids=rd.ids, seed=seed
+        name: (
+            targeted_round_robin(
+                quality, target.similarity, budget, ids=rd.ids, quality_floor=cfg.quality_floor
+            )
+            if policy == TARGETED
+            else get_policy(policy, quality_floor=cfg.quality_floor)(
+                quality, labels, budget, ids=rd.ids, seed=seed
+            )
         )
-        for name, policy in [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
+        for name, policy in arms
     }
     wanted = {rd.ids[int(i)] for idx in picks.values() for i in idx}
     messages = fetch_messages(cfg.pool_dir, wanted)
@@ -193,6 +207,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
             **{name: float(quality[idx].mean()) if len(idx) else None for name, idx in picks.items()},
         },
         "chosen": {"inertia": float(inertia), "silhouette": _nan_none(sil)},
+        **({"target": target.summary(picks)} if target else {}),
         "seed": seed,
         "policy": cfg.policy,
         "selection_percentage": cfg.selection_percentage,
