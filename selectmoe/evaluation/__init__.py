@@ -1,0 +1,1 @@
+"""Statistics over evaluation results (per-question, across runs and seeds)."""
