@@ -267,3 +267,29 @@ def test_select_with_targets_end_to_end(tmp_path, ray_local):
     # the target scores are cached by examples + model + code: a second select reuses them
     run_select(cfg)
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["target"]["cached"] is True
+
+
+def test_report_section_shows_each_sets_similarity_and_the_cost():
+    from selectmoe.report import Report, _targeted
+
+    report = Report("t")
+    _targeted(
+        report,
+        {
+            "tasks": {"selectmoe_demo": 35},
+            "features": "hidden",
+            "cached": False,
+            "wall_s": 4.5,
+            "similarity_s": 0.25,
+            "mean_similarity": {
+                "pool": {"selectmoe_demo": 0.5},
+                "selected": {"selectmoe_demo": 0.55},
+                "targeted": {"selectmoe_demo": 0.875},
+            },  # fmt: skip
+        },
+    )
+    heading, md, _ = report.sections[0]
+    assert "hidden features" in heading and "scored in 4.5 s" in heading and "0.25 s" in heading
+    lines = md.splitlines()
+    assert lines[0].replace(" ", "") == "|targettask|examples|pool|selected|targeted|"
+    assert lines[2].replace(" ", "") == "|selectmoe_demo|35|0.5|0.55|0.875|"
