@@ -285,7 +285,7 @@ def test_report_section_shows_each_sets_similarity_and_the_cost():
                 "pool": {"selectmoe_demo": 0.5},
                 "selected": {"selectmoe_demo": 0.55},
                 "targeted": {"selectmoe_demo": 0.875},
-            },  # fmt: skip
+            },
         },
     )
     heading, md, _ = report.sections[0]
