@@ -293,3 +293,14 @@ def test_report_section_shows_each_sets_similarity_and_the_cost():
     lines = md.splitlines()
     assert lines[0].replace(" ", "") == "|targettask|examples|pool|selected|targeted|"
     assert lines[2].replace(" ", "") == "|selectmoe_demo|35|0.5|0.55|0.875|"
+
+
+def test_targeted_policy_without_targets_is_refused_at_load():
+    from selectmoe.config import load_config
+
+    with pytest.raises(
+        ValueError, match=r"^select\.target: empty, but select\.policy/baselines name `targeted`"
+    ):
+        load_config(None, ["select.baselines=[random,targeted]"])
+    cfg = load_config(None, ['select.target=["a.jsonl"]', "select.policy=targeted", "select.features=both"])
+    assert (cfg.select.policy, cfg.select.target, cfg.select.features) == ("targeted", ["a.jsonl"], "both")
