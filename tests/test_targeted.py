@@ -304,3 +304,23 @@ def test_targeted_policy_without_targets_is_refused_at_load():
         load_config(None, ["select.baselines=[random,targeted]"])
     cfg = load_config(None, ['select.target=["a.jsonl"]', "select.policy=targeted", "select.features=both"])
     assert (cfg.select.policy, cfg.select.target, cfg.select.features) == ("targeted", ["a.jsonl"], "both")
+
+
+def test_a_missing_target_file_fails_before_ray(tmp_path):
+    from selectmoe.config import SelectConfig
+    from selectmoe.stages.select import run_select
+
+    cfg = SelectConfig(
+        router_dir=str(tmp_path / "r"),
+        pool_dir=str(tmp_path / "p"),
+        output_dir=str(tmp_path / "o"),
+        target=["mmlu", str(tmp_path / "t.jsonl")],
+    )
+    (tmp_path / "r" / "shards").mkdir(parents=True)
+    (tmp_path / "p" / "shards").mkdir(parents=True)
+    with pytest.raises(
+        Exception,
+        match=rf"select: needs the target examples '{tmp_path}/t.jsonl' at {tmp_path}/t.jsonl \(set select.target\)",
+    ):
+        run_select(cfg)
+    assert not (tmp_path / "o").exists()

@@ -183,6 +183,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     inputs = {
         "router_data": fingerprint(Path(cfg.router_dir) / "shards"),
         "pool": fingerprint(Path(cfg.pool_dir) / "shards"),
+        **({"target": {"sha256": target.target.targets.fingerprint()}} if target else {}),
     }
     counts = {"pool": n, "selected": len(sel_idx), "budget": budget}
     selection = {
