@@ -56,16 +56,19 @@ def per_question_acc(cfg, adapter_dir: str | None, seed: int) -> list[float]:
 def mmlu_cost(base, router: str, features: list[str], results: dict, seed: int, run: Path) -> dict:
     """MMLU dev (285 examples) as targets: the cost of scoring them (first call; then cached) and of the
     pool similarity, and each arm's mean best similarity to them."""
-    from selectmoe.router_data import load_router_data
+    from selectmoe.cluster.features import resolve_features
+    from selectmoe.router_data import feature_widths, load_router_data
     from selectmoe.stages.select_targets import target_similarity
 
     rd = load_router_data(router)
+    widths = feature_widths(rd.shards)
     row = {i: n for n, i in enumerate(rd.ids)}
     out = {}
     for feat in features:
         cfg = dataclasses.replace(base.select, router_dir=router, features=feat, target=["mmlu"])
         t0 = time.perf_counter()
-        ts = target_similarity(cfg, rd)
+        columns = resolve_features(feat, widths)
+        ts = target_similarity(cfg, rd.shards, columns, widths, len(rd))
         sel_dir = run / "targeted" / f"seed_{seed}" / f"select_{feat}"
         arms = {}
         for name, file in (

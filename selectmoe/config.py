@@ -179,15 +179,20 @@ class SelectConfig:
     n_init: int = 3  # k-means restarts per k, each with its own generator
     max_iter: int = 300
     tol: float = 1e-4
-    num_replicas: int = 2  # k-sweep actors
-    num_gpus_per_replica: float = 0.25  # fractional: packs several sweep actors per GPU
-    fit_fraction: float = 1.0  # fit on a sample, assign everything (pools beyond device memory)
+    # routing | hidden | both (each block L2-normalised, concatenated, renormalised) | auto (routing when the
+    # router data has it, else hidden)
+    features: str = "auto"
+    # The k sweep fits on a seeded sample of this many rows (float16 in the object store, float32 in each
+    # actor: 100k x 1,024 features = 0.2 GB + 0.4 GB per actor), then one streaming pass assigns every row.
+    # A pool of at most this many rows is fitted whole: the exact result.
+    fit_sample_rows: int = 100_000
+    # Silhouette over a seeded subsample of the fit sample of at most this many rows (standard error beside it)
+    silhouette_sample_rows: int = 100_000
+    num_replicas: int = 2  # k-sweep actors (fitted to the cluster's CPUs/GPUs with a notice)
+    num_gpus_per_replica: float = 0.25  # fractional: several sweep actors per GPU; spread one GPU at a time
     seed: int = 42
     baselines: list[str] = field(default_factory=lambda: ["random", "top_k"])  # same budget
     plots: bool = True
-    # Feature space: auto (routing when the router data has it, else hidden) | routing | hidden (needs
-    # score.hidden=true) | both (each block L2-normalised, concatenated, renormalised)
-    features: str = "auto"
     # Target examples for policy `targeted` (RDS+): JSONL files of conversations and/or eval tasks' few-shot
     # examples (selectmoe_demo=DIR, mmlu[=DIR], bbh=DIR, tydiqa=DIR; selection/targets.py); empty: untargeted
     target: list[str] = field(default_factory=list)

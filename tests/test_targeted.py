@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selectmoe.selection.similarity import pool_similarity
-from selectmoe.selection.targeted import best_similarity, feature_rows, targeted_round_robin
+from selectmoe.selection.similarity import pool_similarity, unit_rows
+from selectmoe.selection.targeted import best_similarity, targeted_round_robin
 from selectmoe.selection.targets import TargetError, load_targets
 
 # --------------------------------------------------------------------------------------------- policy
@@ -66,26 +66,30 @@ def test_best_similarity_and_feature_rows_values():
     targets = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], np.float32)
     sim = best_similarity(pool, targets, np.array([0, 1, 1]), 2)
     np.testing.assert_allclose(sim, [[1.0, 0.8], [0.6, 0.96]], atol=1e-6)
-    rows = feature_rows({"routing": np.array([[3.0, 4.0]]), "hidden": np.array([[2.0, 0.0]])}, "both")
+    rows = unit_rows(np.array([[3.0, 4.0, 2.0, 0.0]], np.float16), [2, 2])  # routing | hidden
     np.testing.assert_allclose(rows, [[0.6 / np.sqrt(2), 0.8 / np.sqrt(2), 1 / np.sqrt(2), 0.0]], atol=1e-6)
-    with pytest.raises(ValueError, match=r"no \['hidden'\] column \(score with score.hidden=true\)"):
-        feature_rows({"routing": np.ones((1, 2))}, "hidden")
 
 
 def test_pool_similarity_streams_row_groups_and_equals_the_whole_matrix(tmp_path):
     rng = np.random.default_rng(0)
-    feats = rng.random((23, 6)).astype(np.float16)
+    routing = rng.random((23, 6)).astype(np.float16)
+    hidden = rng.normal(size=(23, 3)).astype(np.float16)
     paths = []
     for s, (a, b) in enumerate(((0, 10), (10, 23))):
-        col = pa.FixedSizeListArray.from_arrays(pa.array(feats[a:b].reshape(-1), pa.float16()), 6)
+        cols = {"routing": pa.FixedSizeListArray.from_arrays(pa.array(routing[a:b].reshape(-1)), 6),
+                "hidden": pa.FixedSizeListArray.from_arrays(pa.array(hidden[a:b].reshape(-1)), 3)}  # fmt: skip
         paths.append(tmp_path / f"s{s}.parquet")
-        pq.write_table(pa.table({"routing": col}), paths[-1], row_group_size=4)
-    targets = feature_rows({"routing": rng.random((5, 6))}, "routing")
+        pq.write_table(pa.table(cols), paths[-1], row_group_size=4)
     task = np.array([0, 1, 1, 0, 1])
-    got = pool_similarity(paths, targets, task, 2, "routing", use_ray=False)
-    whole = feature_rows({"routing": feats}, "routing") @ targets.T
-    np.testing.assert_allclose(got[:, 0], whole[:, [0, 3]].max(1), atol=1e-6)
-    np.testing.assert_allclose(got[:, 1], whole[:, [1, 2, 4]].max(1), atol=1e-6)
+    for columns, X, widths in (
+        (["routing"], routing, [6]),
+        (["routing", "hidden"], np.concatenate([routing, hidden], 1), [6, 3]),
+    ):
+        targets = unit_rows(rng.random((5, X.shape[1])).astype(np.float16), widths)
+        got = pool_similarity(paths, columns, {"routing": 6, "hidden": 3}, targets, task, 2)
+        whole = unit_rows(X, widths) @ targets.T
+        np.testing.assert_allclose(got[:, 0], whole[:, [0, 3]].max(1), atol=1e-6)
+        np.testing.assert_allclose(got[:, 1], whole[:, [1, 2, 4]].max(1), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- loader

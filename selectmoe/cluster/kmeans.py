@@ -8,6 +8,7 @@ computed chunk by chunk and reduced immediately, never materialised whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,8 +28,17 @@ class KMeansResult:
     inertias: tuple[float, ...] = ()  # final inertia of every restart
 
 
+class UnitRows(NamedTuple):
+    """Rows already L2-normalised by the caller: :func:`as_unit_rows` passes them through without a copy
+    (a sweep actor normalises its sample once and fits every k on it)."""
+
+    t: torch.Tensor
+
+
 def as_unit_rows(X, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """numpy/torch [N, D] -> torch tensor with L2-normalised rows (zero rows stay zero)."""
+    if isinstance(X, UnitRows):
+        return X.t.to(device=device or X.t.device, dtype=dtype)
     if isinstance(X, np.ndarray):
         if not X.flags.writeable or X.dtype != np.dtype(str(dtype).removeprefix("torch.")):
             X = np.array(X, dtype=str(dtype).removeprefix("torch."), copy=True)

@@ -6,47 +6,25 @@ Each pool row gets, per target task, its best cosine similarity to one of that t
 over the target tasks, each task taking its most similar row not yet taken, among the rows inside the
 default policy's quality floor only: a bad row is never selected for being near a target.
 
-Features (``select.features``): ``routing`` (per-layer mean router probabilities), ``hidden`` (the pooled
-last-layer hidden state) or ``both`` (each block L2-normalised, concatenated, renormalised), the same
-definition clustering uses, so a target example and a pool row are compared in one space.
+Features: ``select.features`` (routing, hidden or both), normalised exactly as clustering normalises them
+(:func:`selectmoe.cluster.features.unit_features`), so a target example and a pool row are compared in
+the space the clusters live in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import numpy as np
 
-from selectmoe.selection.policies import _check, _rank_order
+from selectmoe.selection.policies import _check, id_ranks
 
-FEATURES = ("routing", "hidden", "both")
 TARGETED = "targeted"  # the policy name (select.policy / select.baselines)
-
-
-def _unit(block: np.ndarray) -> np.ndarray:
-    block = np.asarray(block, dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return block / np.where(norms > 0, norms, 1.0)
-
-
-def feature_rows(columns: Mapping[str, np.ndarray], features: str) -> np.ndarray:
-    """float32 L2-normalised ``[n, F]`` rows of one block of router data (``columns``: name -> ``[n, d]``)."""
-    if features not in FEATURES:
-        raise ValueError(f"select.features={features!r}: one of {list(FEATURES)}")
-    names = ("routing", "hidden") if features == "both" else (features,)
-    missing = [c for c in names if c not in columns]
-    if missing:
-        raise ValueError(
-            f"select.features={features}: the router data has no {missing} column"
-            + (" (score with score.hidden=true)" if "hidden" in missing else "")
-        )
-    return _unit(np.concatenate([_unit(columns[c]) for c in names], axis=1))
 
 
 def best_similarity(pool_rows: np.ndarray, target_rows: np.ndarray, target_task: np.ndarray, n_tasks: int):
     """float32 ``[n, n_tasks]``: each pool row's highest cosine similarity to an example of each task.
 
-    Both inputs are unit rows (:func:`feature_rows`); ``target_task[j]`` is example ``j``'s task index."""
+    Both inputs are unit rows (:func:`selectmoe.selection.similarity.unit_rows`); ``target_task[j]`` is
+    example ``j``'s task index."""
     sims = np.asarray(pool_rows, np.float32) @ np.asarray(target_rows, np.float32).T  # [n, T]
     out = np.full((sims.shape[0], n_tasks), -np.inf, dtype=np.float32)
     task = np.asarray(target_task, dtype=np.int64)
@@ -58,12 +36,13 @@ def best_similarity(pool_rows: np.ndarray, target_rows: np.ndarray, target_task:
 
 
 def targeted_round_robin(
-    scores, similarity, budget: int, *, ids: Sequence[str] | None = None, quality_floor: float = 0.5
+    scores, similarity, budget: int, *, ids=None, quality_floor: float = 0.5
 ) -> np.ndarray:
     """Indices in selection order: round-robin over the target tasks (columns of ``similarity [N, T]``,
     in column order), each taking its most similar row not yet taken (ties by id asc), among the best
     ``quality_floor`` share of the pool by ``scores`` (at least ``budget`` rows; the floor of
-    :func:`~selectmoe.selection.policies.quality_round_robin`)."""
+    :func:`~selectmoe.selection.policies.quality_round_robin`). ``ids``: strings or their ranks
+    (:func:`~selectmoe.selection.policies.id_ranks`)."""
     scores, budget = _check(scores, None, budget)
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.ndim != 2 or similarity.shape[0] != len(scores):
@@ -74,11 +53,10 @@ def targeted_round_robin(
         raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
     n = len(scores)
     n_keep = min(n, max(budget, int(np.ceil(quality_floor * n))))
-    eligible = np.sort(_rank_order(scores, ids)[:n_keep])
-    # ties by id: one id ranking (the pool order's rank of each id), then one lexsort per task
-    id_rank = _rank_order(np.zeros(len(eligible)), None if ids is None else [ids[int(i)] for i in eligible])
-    tie = np.empty(len(eligible), dtype=np.int64)
-    tie[id_rank] = np.arange(len(eligible))
+    rank = id_ranks(ids)
+    rank = np.arange(n) if rank is None else rank
+    eligible = np.sort(np.lexsort((rank, -scores))[:n_keep])  # the quality floor (ties by id)
+    tie = rank[eligible]
     sub = np.where(np.isfinite(similarity[eligible]), similarity[eligible], -np.inf)
     orders = [eligible[np.lexsort((tie, -sub[:, t]))] for t in range(sub.shape[1])]
     taken = np.zeros(n, dtype=bool)

@@ -4,7 +4,7 @@ The pool's router data records how it was scored (``_manifest.json``: the score 
 fingerprint). The target examples (:func:`selectmoe.selection.targets.load_targets`) are written as a tiny
 JSONL, ingested and scored by the score stage itself (:func:`selectmoe.stages.score.run_score` with the
 pool's score config, one replica), so a target's routing/hidden features are the numbers the pool's rows
-would get. The result lives in ``<router_dir>/_cache/targets-<key>/``, keyed by the examples, the
+would get. The result lives in ``<router_dir>/_targets/<key>/``, keyed by the examples, the
 pool's model fingerprint and the score stage's code version: reused by every selection over the same
 router data until one of them changes.
 """
@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import ScoreConfig
 from selectmoe.manifest import read_manifest
-from selectmoe.router_data import CACHE_DIR, shard_paths
+from selectmoe.router_data import shard_paths
 from selectmoe.selection.targets import TargetSet, load_targets
 
 logger = logging.getLogger(__name__)
+TARGETS_DIR = "_targets"  # under the router dir: the scored target examples, one dir per cache key
 
 
 @dataclass
@@ -85,7 +86,7 @@ def score_targets(specs: list[str], router_dir: str | Path) -> TargetFeatures:
     score_cfg, model_fp = pool_score_config(router_dir)
     payload = [targets.fingerprint(), model_fp, code_version("selectmoe.stages.score")]
     key = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
-    work = Path(router_dir) / CACHE_DIR / f"targets-{key}"
+    work = Path(router_dir) / TARGETS_DIR / key
     router = work / "router"
     cached = bool((read_manifest(router) or {}).get("complete"))
     if not cached:
@@ -120,14 +121,6 @@ def score_targets(specs: list[str], router_dir: str | Path) -> TargetFeatures:
     return TargetFeatures(targets=targets, columns=columns, key=key, cached=cached, wall_s=wall)
 
 
-def resolve_features(features: str, shards) -> str:
-    """``auto``: routing when the router data has it, else hidden (``select.features``)."""
-    if features != "auto":
-        return features
-    names = pq.read_schema(shards[0]).names if shards else []
-    return "routing" if "routing" in names else "hidden"
-
-
 @dataclass
 class TargetSimilarity:
     """Per pool row, its best cosine similarity to each target task (``similarity [N, tasks]``)."""
@@ -155,19 +148,21 @@ class TargetSimilarity:
         }
 
 
-def target_similarity(cfg, rd) -> TargetSimilarity:
-    """Score ``cfg.target`` like the pool, then each pool row's best similarity per task, streamed over
-    the router-data shards by Ray tasks (:func:`selectmoe.selection.similarity.pool_similarity`)."""
-    from selectmoe.ray_utils import init_ray
-    from selectmoe.selection.similarity import pool_similarity
-    from selectmoe.selection.targeted import feature_rows
+def target_similarity(cfg, shards: list[Path], columns: list[str], widths: dict[str, int], n: int):
+    """Score ``cfg.target`` like the pool, then each pool row's best similarity per task over the feature
+    ``columns`` (select's resolved ``select.features``), streamed over the router-data ``shards``
+    (:func:`selectmoe.selection.similarity.pool_similarity`)."""
+    from selectmoe.selection.similarity import pool_similarity, unit_rows
 
     target = score_targets(list(cfg.target), cfg.router_dir)
-    features = resolve_features(cfg.features, rd.shards)
-    rows = feature_rows(target.columns, features)
+    missing = [c for c in columns if c not in target.columns]
+    if missing:
+        raise ValueError(f"select.target: the scored target examples have no {missing} column")
+    X = np.concatenate([target.columns[c] for c in columns], axis=1)
+    rows = unit_rows(X, [widths[c] for c in columns])
     t0 = time.perf_counter()
-    init_ray()
-    sim = pool_similarity(rd.shards, rows, target.targets.task_of, len(target.targets.tasks), features)
-    if len(sim) != len(rd):
-        raise RuntimeError(f"{len(sim)} similarity rows for {len(rd)} pool rows")
-    return TargetSimilarity(features, target, sim, time.perf_counter() - t0)
+    tasks = target.targets.tasks
+    sim = pool_similarity(shards, columns, widths, rows, target.targets.task_of, len(tasks))
+    if len(sim) != n:
+        raise RuntimeError(f"{len(sim)} similarity rows for {n} pool rows")
+    return TargetSimilarity("+".join(columns), target, sim, time.perf_counter() - t0)
