@@ -168,6 +168,7 @@ class SelectConfig:
     score: str = "nll_ifd_min"
     # quality_round_robin: best `quality_floor` share of the pool by score, then round-robin over clusters
     # (plain round_robin gives clusters of bad rows the same quota) | round_robin | proportional | top_k | random
+    # | targeted: inside the same quality floor, round-robin over the target tasks by similarity (`target`)
     policy: str = "quality_round_robin"
     quality_floor: float = 0.5  # share of the pool eligible for quality_round_robin (>= selection_percentage)
     # dataset: rank each row's score among the rows of its own `dataset` (sources differ in how predictable
@@ -180,12 +181,23 @@ class SelectConfig:
     n_init: int = 3  # k-means restarts per k, each with its own generator
     max_iter: int = 300
     tol: float = 1e-4
-    num_replicas: int = 2  # k-sweep actors
-    num_gpus_per_replica: float = 0.25  # fractional: packs several sweep actors per GPU
-    fit_fraction: float = 1.0  # fit on a sample, assign everything (pools beyond device memory)
+    # routing | hidden | both (each block L2-normalised, concatenated, renormalised) | auto (routing when the
+    # router data has it, else hidden)
+    features: str = "auto"
+    # The k sweep fits on a seeded sample of this many rows (float16 in the object store, float32 in each
+    # actor: 100k x 1,024 features = 0.2 GB + 0.4 GB per actor), then one streaming pass assigns every row.
+    # A pool of at most this many rows is fitted whole: the exact result.
+    fit_sample_rows: int = 100_000
+    # Silhouette over a seeded subsample of the fit sample of at most this many rows (standard error beside it)
+    silhouette_sample_rows: int = 100_000
+    num_replicas: int = 2  # k-sweep actors (fitted to the cluster's CPUs/GPUs with a notice)
+    num_gpus_per_replica: float = 0.25  # fractional: several sweep actors per GPU; spread one GPU at a time
     seed: int = 42
     baselines: list[str] = field(default_factory=lambda: ["random", "top_k"])  # same budget
     plots: bool = True
+    # Target examples for policy `targeted` (RDS+): JSONL files of conversations and/or eval tasks' few-shot
+    # examples (selectmoe_demo=DIR, mmlu[=DIR], bbh=DIR, tydiqa=DIR; selection/targets.py); empty: untargeted
+    target: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -274,7 +286,7 @@ class PipelineConfig:
 # Every choice field and its allowed values: the one table _validate checks.
 _STRATEGIES = ("ddp", "fsdp")
 _LABEL_MODES = ("full_sequence", "full_sequence_mask_tags", "assistant_only")
-_POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k", "random")
+_POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k", "random", "targeted")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "messages", "sharegpt", "alpaca"),
     "convert.trash_expert_mode": ("zero", "noise", "custom"),
@@ -290,6 +302,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select.policy": _POLICIES,
     "select.rank_within": ("dataset", "pool"),
     "select.k_choice": ("elbow", "kneedle", "silhouette"),
+    "select.features": ("auto", "routing", "hidden", "both"),
     "finetune.label_mode": _LABEL_MODES,
     "finetune.strategy": _STRATEGIES,
     "evaluate.device": ("auto", "cpu", "cuda"),
@@ -443,6 +456,10 @@ def _validate(cfg: PipelineConfig) -> None:
     bad_baselines = [b for b in cfg.select.baselines if b not in _POLICIES]
     if bad_baselines:
         raise ValueError(f"select.baselines: unknown policy {bad_baselines}; one of {list(_POLICIES)}")
+    if "targeted" in (cfg.select.policy, *cfg.select.baselines) and not cfg.select.target:
+        raise ValueError(
+            "select.target: empty, but select.policy/baselines name `targeted` (it needs targets)"
+        )
     if not 0 < cfg.select.quality_floor <= 1:
         raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")
     if cfg.select.score in ("ifd", "nll_ifd_min") and not cfg.score.ifd:

@@ -28,6 +28,7 @@ import torch
 from selectmoe.config import DemoConfig
 
 logger = logging.getLogger(__name__)
+DEMO_DEV_PER_SKILL = 5  # the demo task's few-shot split (targeted selection's targets), as MMLU's 5-shot dev
 
 
 @dataclass
@@ -105,7 +106,7 @@ def build_demo_target(
 
     Separate from the pool and the selector's base, which it does not touch: an experiment on the target or
     the eval reruns only this (:func:`rebuild_demo_target`)."""
-    from selectmoe.data.demo_pool import build_demo_eval
+    from selectmoe.data.demo_pool import build_demo_dev, build_demo_eval
     from selectmoe.eval_tasks import write_demo_task
     from selectmoe.model.tiny import build_tiny_dense_target
 
@@ -116,7 +117,9 @@ def build_demo_target(
     )
     target.save_pretrained(root / "tiny_target")
     tokenizer.save_pretrained(root / "tiny_target")
-    write_demo_task(root / "tasks", build_demo_eval(root / "eval", n=cfg.n_eval, seed=seed + 2))
+    eval_path = build_demo_eval(root / "eval", n=cfg.n_eval, seed=seed + 2)
+    build_demo_dev(root / "eval", per_skill=DEMO_DEV_PER_SKILL, seed=seed + 4)  # few-shot split: targets
+    write_demo_task(root / "tasks", eval_path)
     return losses
 
 

@@ -110,14 +110,17 @@ def write_demo_task(tasks_dir: str | Path, eval_path: str | Path) -> Path:
     if not eval_path.is_file():
         raise FileNotFoundError(f"demo eval file {eval_path} does not exist")
     tasks_dir = Path(tasks_dir)
+    dev_path = eval_path.with_name("demo_dev.jsonl")  # the few-shot split (targeted selection's targets)
+    dev = {"dev": published(dev_path)} if dev_path.is_file() else {}
     _dump(
         tasks_dir / f"{DEMO_TASK}.yaml",
         {
             "task": DEMO_TASK,
             "dataset_path": "json",
             # the URI when the demo assets are written for shared storage (see stage_task_dirs)
-            "dataset_kwargs": {"data_files": {"test": published(eval_path)}},
+            "dataset_kwargs": {"data_files": {"test": published(eval_path), **dev}},
             "test_split": "test",
+            **({"fewshot_split": "dev"} if dev else {}),
             "output_type": "multiple_choice",
             "doc_to_text": demo_prompt_template(),
             "doc_to_choice": "{{choices}}",

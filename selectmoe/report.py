@@ -94,12 +94,12 @@ def _fmt(value: Any) -> str:
 
 
 def add_router_sections(report: Report, router_dir: Path) -> None:
-    from selectmoe.router_data import load_router_data
+    from selectmoe.router_data import iter_feature_blocks, load_router_data
 
     data = load_router_data(router_dir)
     plt = pyplot()
-    datasets = sorted(set(data.datasets))
-    ds_index = np.array([datasets.index(d) for d in data.datasets])
+    datasets, ds_index = np.unique(np.asarray(data.datasets), return_inverse=True)
+    datasets = datasets.tolist()
     report.table(
         "Router data",
         ["samples", "datasets", "layers", "experts", "truncated", "mean quality", "mean tokens"],
@@ -134,10 +134,15 @@ def add_router_sections(report: Report, router_dir: Path) -> None:
     ax.set_ylabel("mean gate g")
     report.figure("Mean gate value per layer", "gate_per_layer.png", fig)
 
+    # Streamed row group by row group: the routing matrix is never whole in memory.
     usage = np.zeros((len(datasets), data.num_experts))
-    for i in range(len(datasets)):
-        rows = np.asarray(data.routing[ds_index == i], dtype=np.float32)
-        usage[i] = rows.reshape(len(rows), data.num_layers, data.num_experts).mean(axis=(0, 1))
+    start = 0
+    for _, block in iter_feature_blocks(data.shards, "routing"):
+        codes = ds_index[start : start + len(block)]
+        per_expert = block.astype(np.float32).reshape(len(block), data.num_layers, -1).mean(axis=1)
+        np.add.at(usage, codes, per_expert)
+        start += len(block)
+    usage /= np.maximum(np.bincount(ds_index, minlength=len(datasets)), 1)[:, None]
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(datasets)))
     im = ax.imshow(usage, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(datasets)), datasets)
@@ -243,6 +248,26 @@ def _selection(report: Report, cfg: PipelineConfig) -> None:
     counts = sel.get("counts") or {}
     if counts:
         report.table("Selection", ["count", "value"], [[k, v] for k, v in counts.items()])
+    if sel.get("target"):
+        _targeted(report, sel["target"])
+
+
+def _targeted(report: Report, target: dict[str, Any]) -> None:
+    """Targeted selection: per target task, each set's mean best cosine similarity to its examples, and
+    what computing it cost (scoring the examples, then one pass over the pool's features)."""
+    sims = target.get("mean_similarity") or {}
+    sets = list(sims)
+    rows = [
+        [task, n, *[(sims[s] or {}).get(task) for s in sets]]
+        for task, n in (target.get("tasks") or {}).items()
+    ]
+    how = "cached" if target.get("cached") else "scored"
+    report.table(
+        f"Targeted selection ({target.get('features')} features): mean best similarity to the target examples "
+        f"(examples {how} in {target.get('wall_s')} s, pool similarity {target.get('similarity_s')} s)",
+        ["target task", "examples", *sets],
+        rows,
+    )
 
 
 SET_NAMES = {"selected_data": "selected", "selected_random": "random", "selected_top_k": "top_k"}

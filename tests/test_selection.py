@@ -85,9 +85,6 @@ def test_sweep_on_ray(ray_local):
     for k in res.ks:  # schedule-independent and identical to in-process
         np.testing.assert_array_equal(local.labels[k], res.labels[k])
     assert res.ks[int(np.argmax(res.silhouette))] == 3
-    # fit_fraction: fitted on a sample, every row labelled
-    part = sweep_k(X, [3], fit_fraction=0.5, seed=1, use_ray=False)
-    assert len(part.labels[3]) == len(X) and part.silhouette[0] > 0.5
 
 
 def test_quality_round_robin_floor_then_clusters():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,13 @@ class KMeansResult:
     inertias: tuple[float, ...] = ()  # final inertia of every restart
 
 
+class UnitRows(NamedTuple):
+    """Rows already L2-normalised by the caller: :func:`as_unit_rows` passes them through without a copy
+    (a sweep actor normalises its sample once and fits every k on it)."""
+
+    t: torch.Tensor
+
+
 def _is_unit_rows(t: torch.Tensor) -> bool:
     norms = torch.linalg.vector_norm(t, dim=1)
     return bool(((norms - 1).abs() <= 1e-6 * t.shape[1] ** 0.5).logical_or(norms == 0).all())
@@ -50,6 +58,8 @@ def as_unit_rows(X, *, dtype: torch.dtype = torch.float32, device=None) -> torch
     row chunks straight into the ``dtype`` tensor on ``device`` (no converted host copy first, one
     upload) and normalised in place. A tensor that already is unit rows of ``dtype`` on ``device`` is
     returned as it is, so a caller that fits several k (and the silhouette) prepares X once."""
+    if isinstance(X, UnitRows):
+        return X.t.to(device=device or X.t.device, dtype=dtype)
     target = torch.device(device) if device is not None else None
     if isinstance(X, np.ndarray):
         if X.ndim != 2:

@@ -495,3 +495,32 @@ def build_demo_eval(out_dir: str | Path, *, n: int, seed: int) -> Path:
     path = out / "demo_eval.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def build_demo_dev(out_dir: str | Path, *, per_skill: int, seed: int) -> Path:
+    """``out_dir/demo_dev.jsonl``: the demo task's few-shot split, ``per_skill`` rows per skill in the
+    eval format, none of whose questions is in ``out_dir/demo_eval.jsonl`` (the test questions).
+
+    Why a separate split: targeted selection (``select.target``) reads a task's few-shot examples as its
+    targets, and must never see the questions it is scored on."""
+    out = Path(out_dir)
+    test = {
+        json.loads(line)["question"] for line in (out / "demo_eval.jsonl").read_text().splitlines() if line
+    }
+    rng = random.Random(seed)
+    lines = []
+    for skill, make in SKILLS.items():
+        kept = 0
+        while kept < per_skill:
+            item = make(rng)
+            if item.prompt in test:
+                continue
+            finals = [item.correct, *item.wrong[:3]]
+            rng.shuffle(finals)
+            row = {"question": item.prompt, "choices": [item.explain(v) for v in finals],
+                   "answer": finals.index(item.correct), "skill": skill}  # fmt: skip
+            lines.append(json.dumps(row, ensure_ascii=False))
+            kept += 1
+    path = out / "demo_dev.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path

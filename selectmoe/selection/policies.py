@@ -1,15 +1,18 @@
 """Selection policies: which rows to keep at a budget. Each returns an int64 index array in selection order.
 
 Within-cluster (and global) ranking is always score descending, ties by id ascending, so the result is a
-pure function of (scores, labels, ids, budget, seed).
+pure function of (scores, labels, ids, budget, seed). ``ids`` are strings (Arrow or a sequence) or their
+precomputed ranks (:func:`id_ranks`, what ``select`` passes: one Arrow sort, no Python sort of strings).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def budget_for(n: int, selection_percentage: float) -> int:
@@ -21,13 +24,27 @@ def budget_for(n: int, selection_percentage: float) -> int:
     return min(n, max(1, round(selection_percentage * n)))
 
 
-def _rank_order(scores: np.ndarray, ids: Sequence[str] | None) -> np.ndarray:
-    """Indices sorted by score desc, then id asc (then index asc)."""
+def id_ranks(ids) -> np.ndarray | None:
+    """Each row's rank in ascending id order (ties: row order), by Arrow's stable C++ sort (UTF-8 byte
+    order = code point order, as Python's ``sorted``). An integer array is taken as ranks already made."""
+    if ids is None:
+        return None
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return ids
+    arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
+    order = pc.sort_indices(arr).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def _rank_order(scores: np.ndarray, ids) -> np.ndarray:
+    """Indices sorted by score desc, then id asc (then index asc). ``ids``: strings or their ranks."""
     n = len(scores)
-    id_arr = np.asarray(ids if ids is not None else [f"{i:012d}" for i in range(n)], dtype=object)
-    id_rank = np.empty(n, dtype=np.int64)
-    id_rank[sorted(range(n), key=lambda i: (id_arr[i], i))] = np.arange(n)
-    return np.lexsort((id_rank, -np.asarray(scores, dtype=np.float64)))
+    rank = id_ranks(ids)
+    if rank is None:
+        rank = np.arange(n)
+    return np.lexsort((rank, -np.asarray(scores, dtype=np.float64)))
 
 
 def _check(scores, labels, budget):
@@ -129,7 +146,8 @@ def quality_round_robin(
     labels = np.asarray(labels)
     n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
     eligible = np.sort(_rank_order(scores, ids)[:n_keep])
-    sub_ids = None if ids is None else [ids[int(i)] for i in eligible]
+    rank = id_ranks(ids)
+    sub_ids = None if rank is None else rank[eligible]
     picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
     return eligible[picked].astype(np.int64)
 

