@@ -296,6 +296,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select.policy": _POLICIES,
     "select.rank_within": ("dataset", "pool"),
     "select.k_choice": ("elbow", "kneedle", "silhouette"),
+    "select.features": ("auto", "routing", "hidden", "both"),
     "finetune.label_mode": _LABEL_MODES,
     "finetune.strategy": _STRATEGIES,
     "evaluate.device": ("auto", "cpu", "cuda"),
