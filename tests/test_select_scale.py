@@ -52,7 +52,7 @@ def make_pool(tmp_path, *, n_per_shard=150, shards=3, hidden_dim=0, routing=True
             )
         if not routing:
             cols.pop("routing")
-        w = RouterDataWriter(router, name, L, E)
+        w = RouterDataWriter(router, name, L, E, hidden_dim=hidden_dim)
         w.write_batch(cols)
         w.close()
         order = rng.permutation(n_per_shard)
