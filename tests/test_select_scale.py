@@ -212,7 +212,9 @@ def test_join_keeps_selection_order_across_shards(tmp_path):
 
 
 def test_over_request_is_fitted_not_hung(tmp_path, ray_local):
-    """select num_replicas=8 on a 2-CPU Ray: runs on 2 actors with a notice, within 60 s (main hung)."""
+    """select num_replicas=8 on a 2-CPU Ray: runs on 2 actors with a notice (main never returned). 31 s here
+    on a moderately loaded box; the bound is 180 s so that a CI box shared with other jobs (actor start-up
+    alone took over a minute at load average 60) does not fail it — a hang still does."""
     import threading
 
     router, pool = make_pool(tmp_path, n_per_shard=60)
@@ -225,9 +227,9 @@ def test_over_request_is_fitted_not_hung(tmp_path, ray_local):
     )
     t0 = time.perf_counter()
     th.start()
-    th.join(60)
-    assert not th.is_alive(), "select did not finish within 60 s"
-    assert time.perf_counter() - t0 < 60 and box["res"].n_pool == 180
+    th.join(180)
+    assert not th.is_alive(), "select did not finish within 180 s"
+    assert time.perf_counter() - t0 < 180 and box["res"].n_pool == 180
     info = json.loads((tmp_path / "o" / "selection.json").read_text())
     assert info["fit"]["actors"] == 2
     assert info["fit"]["notices"] == ["select.num_replicas=8: the Ray cluster has 2 CPU(s); running 2 actors"]
