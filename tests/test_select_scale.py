@@ -162,13 +162,13 @@ def test_sampled_fit_assigns_every_row_and_reports_standard_error(tmp_path, ray_
 def test_features_routing_hidden_both(tmp_path, ray_local):
     router, pool = make_pool(tmp_path, hidden_dim=6)
     seen = {}
-    for mode in ("auto", "routing", "hidden", "both"):
+    for mode in ("auto", "hidden", "both"):  # auto = routing here
         out = tmp_path / mode
         res = run_select(_cfg(router, pool, out, features=mode, k=None, k_range=[2, 7]))
         info = json.loads((out / "selection.json").read_text())
         seen[mode] = (res.chosen_k, info["fit"]["features"])
     # routing has 5 clusters, the hidden states 3: each choice clusters what it reads
-    assert seen["auto"] == (5, ["routing"]) and seen["routing"] == (5, ["routing"])
+    assert seen["auto"] == (5, ["routing"])
     assert seen["hidden"] == (3, ["hidden"])
     assert seen["both"][1] == ["routing", "hidden"]
 
