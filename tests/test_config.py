@@ -136,6 +136,7 @@ def test_unknown_key_is_an_error():
         "score.concurrency=2",
         "select.num_actors=2",
         "select.num_gpus_per_actor=0.5",
+        "select.fit_fraction=0.5",
         "evaluate.num_gpus_per_eval=1",
     ],
 )

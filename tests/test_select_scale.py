@@ -3,10 +3,12 @@ selection order, over-requests are fitted or refused (never a hang), GPU actors 
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from selectmoe.config import SelectConfig
 from selectmoe.router_data import RouterDataWriter
@@ -50,7 +52,7 @@ def make_pool(tmp_path, *, n_per_shard=150, shards=3, hidden_dim=0, routing=True
             )
         if not routing:
             cols.pop("routing")
-        w = RouterDataWriter(router, name, L, E)
+        w = RouterDataWriter(router, name, L, E, hidden_dim=hidden_dim)
         w.write_batch(cols)
         w.close()
         order = rng.permutation(n_per_shard)
@@ -155,3 +157,144 @@ def test_sampled_fit_assigns_every_row_and_reports_standard_error(tmp_path, ray_
     # the pool inertia comes from the assignment pass over every row, not the sample's
     cos = pq.read_table(out / "assignments.parquet").column("cosine").to_numpy()
     assert info["chosen"]["inertia"] == float((1.0 - cos.astype(np.float64)).clip(min=0).sum())
+
+
+def test_features_routing_hidden_both(tmp_path, ray_local):
+    router, pool = make_pool(tmp_path, hidden_dim=6)
+    seen = {}
+    for mode in ("auto", "hidden", "both"):  # auto = routing here
+        out = tmp_path / mode
+        res = run_select(_cfg(router, pool, out, features=mode, k=None, k_range=[2, 7]))
+        info = json.loads((out / "selection.json").read_text())
+        seen[mode] = (res.chosen_k, info["fit"]["features"])
+    # routing has 5 clusters, the hidden states 3: each choice clusters what it reads
+    assert seen["auto"] == (5, ["routing"])
+    assert seen["hidden"] == (3, ["hidden"])
+    assert seen["both"][1] == ["routing", "hidden"]
+
+
+def test_resolve_features_names_the_key():
+    from selectmoe.cluster.features import resolve_features
+
+    assert resolve_features("auto", {"hidden": 8}) == ["hidden"]
+    assert resolve_features("auto", {"routing": 4, "hidden": 8}) == ["routing"]
+    with pytest.raises(ValueError, match=r"select.features='hidden': the router data has no hidden column"):
+        resolve_features("hidden", {"routing": 4})
+    with pytest.raises(ValueError, match=r"select.features='dense'"):
+        resolve_features("dense", {"routing": 4})
+
+
+def test_join_keeps_selection_order_across_shards(tmp_path):
+    """Pool rows sit in another order than router rows; the output follows the given indices."""
+    from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
+
+    router, pool = make_pool(tmp_path)
+    t = pq.read_table(router / "shards" / "00001-pool-00000.parquet", columns=["id"])
+    u = pq.read_table(router / "shards" / "00002-pool-00000.parquet", columns=["id"])
+    ids = t.column("id").to_pylist() + u.column("id").to_pylist()
+    order = [160, 3, 299, 0, 151, 42, 150, 7]  # interleaved over both shards
+    by_shard = {
+        "00001-pool-00000": [ids[i] for i in order if i < 150],
+        "00002-pool-00000": [ids[i] for i in order if i >= 150],
+    }
+    messages = fetch_messages(pool, by_shard)
+    write_selection_jsonl(
+        tmp_path / "sel.jsonl", order, ids=ids, datasets=["d"] * 300, scores=np.zeros(300),
+        labels=np.zeros(300, int), messages=messages,
+    )  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "sel.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [ids[i] for i in order]
+    assert all(r["messages"] == _msgs(r["id"]) for r in lines)
+    # an id filed under the wrong shard is still found (looked up everywhere); an unknown one is named
+    assert fetch_messages(pool, {"00000-pool-00000": [ids[0]]}) == {ids[0]: json.dumps(_msgs(ids[0]))}
+    with pytest.raises(ValueError, match="nope"):
+        fetch_messages(pool, {"00001-pool-00000": ["nope"]})
+
+
+def test_over_request_is_fitted_not_hung(tmp_path, ray_local):
+    """select num_replicas=8 on a 2-CPU Ray: runs on 2 actors with a notice (main never returned). 31 s here
+    on a moderately loaded box; the bound is 180 s so that a CI box shared with other jobs (actor start-up
+    alone took over a minute at load average 60) does not fail it — a hang still does."""
+    import threading
+
+    router, pool = make_pool(tmp_path, n_per_shard=60)
+    box = {}
+    th = threading.Thread(
+        target=lambda: box.setdefault(
+            "res", run_select(_cfg(router, pool, tmp_path / "o", num_replicas=8, k_range=[2, 4]))
+        ),
+        daemon=True,
+    )
+    t0 = time.perf_counter()
+    th.start()
+    th.join(180)
+    assert not th.is_alive(), "select did not finish within 180 s"
+    assert time.perf_counter() - t0 < 180 and box["res"].n_pool == 180
+    info = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert info["fit"]["actors"] == 2
+    assert info["fit"]["notices"] == ["select.num_replicas=8: the Ray cluster has 2 CPU(s); running 2 actors"]
+
+
+def test_plan_refuses_or_fits_in_one_line():
+    from selectmoe.placement import plan_actors
+
+    with pytest.raises(
+        ValueError, match=r"^select.fit_sample_rows: one actor needs ~9.3 GiB, the Ray cluster offers 3.7 GiB"
+    ):
+        plan_actors("select.num_replicas", 2, gpus_per_actor=0.25, memory_per_actor=10e9,
+                    memory_key="select.fit_sample_rows", resources={"CPU": 2.0, "memory": 4e9})  # fmt: skip
+    one_gpu = plan_actors("select.num_replicas", 8, gpus_per_actor=0.25, resources={"CPU": 2.0, "GPU": 1.0})
+    assert (one_gpu.n_actors, one_gpu.n_bundles, one_gpu.bundles) == (4, 1, [{"GPU": 1.0}])
+    assert one_gpu.notices == [
+        "select.num_replicas=8: the Ray cluster has 1 GPU(s) at 4 actor(s) each; running 4 actors"
+    ]
+    with pytest.raises(ValueError, match=r"^select.num_replicas: the Ray cluster offers no CPU"):
+        plan_actors("select.num_replicas", 1, gpus_per_actor=0.25, resources={"CPU": 0.5})
+
+
+def test_unplaceable_actors_time_out_naming_the_key(ray_local):
+    from selectmoe.placement import ActorPlan, place_actors
+
+    class Idle:
+        pass
+
+    plan = ActorPlan(n_actors=3, gpus_per_actor=0.0, cpus_per_actor=1.0, n_bundles=3)  # 3 CPUs on a 2-CPU Ray
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"^select.num_replicas=3: Ray could not reserve"):
+        place_actors(Idle, plan, key="select.num_replicas", timeout_s=3)
+    assert time.perf_counter() - t0 < 30
+
+
+_GPU_SCRIPT = """
+import json, ray
+from selectmoe.placement import place_actors, plan_actors
+
+class Probe:
+    def gpus(self):
+        return ray.get_runtime_context().get_accelerator_ids()["GPU"]
+
+ray.init(address="local", num_cpus=2, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False,
+         _node_ip_address="127.0.0.1")
+plan = plan_actors("select.num_replicas", 8, gpus_per_actor=0.25)
+actors, pg = place_actors(Probe, plan, key="select.num_replicas", timeout_s=60)
+print(json.dumps(ray.get([a.gpus.remote() for a in actors])))
+"""
+
+
+@pytest.mark.parametrize("num_gpus", [8, 2])
+def test_gpu_sweep_actors_spread_one_per_gpu(num_gpus):
+    """8 actors at 0.25 GPU: on 8 (fake) GPUs one each, on 2 GPUs 4 each."""
+    import os
+    import subprocess
+    import sys
+
+    script = _GPU_SCRIPT.replace("NUM_GPUS", str(num_gpus))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == 8 and all(len(g) == 1 for g in got)
+    per_gpu = {g: sum(x == [g] for x in got) for g in {x[0] for x in got}}
+    assert per_gpu == ({str(i): 1 for i in range(8)} if num_gpus == 8 else {"0": 4, "1": 4})

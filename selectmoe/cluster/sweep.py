@@ -234,11 +234,13 @@ def sweep_k(
         per_actor = 2.5 * X.shape[0] * X.shape[1] * 4
         plan = plan_actors(
             actors_key,
-            min(num_actors, len(ks)),
+            num_actors,
             gpus_per_actor=num_gpus_per_actor,
             memory_per_actor=per_actor,
             memory_key=memory_key,
         )
+        plan.n_actors = min(plan.n_actors, len(ks))  # no idle actor for a short sweep
+        plan.n_bundles = min(plan.n_bundles, plan.n_actors)
         notices, n_actors = plan.notices, plan.n_actors
         gpu = plan.gpus_per_actor > 0
         x_ref = ray.put(np.ascontiguousarray(X))
