@@ -57,9 +57,7 @@ def main() -> None:
 
         nodes: dict[str, set[str]] = collections.defaultdict(set)
         for actor in state.actors().values():
-            # Ray Data's actors are all `_MapWorker`s; their repr names the wrapped class (RouterScorer)
-            name = f"{actor.get('ActorClassName')}:{actor.get('ReprName') or ''}"
-            nodes[name].add((actor.get("Address") or {}).get("NodeID"))
+            nodes[actor["ActorClassName"]].add(actor["Address"]["NodeID"])
         report = {
             "runs": runs,
             "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
