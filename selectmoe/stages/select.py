@@ -109,7 +109,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
             f"select.score={cfg.score!r}: not one of the scorers {cfg.router_dir} has values for "
             f"({available_scorers(rd)}; all: {list(SCORERS)}; ifd needs score.ifd=true)"
         )
-    X = _features(rd.routing)
+    # routing features; a scorer without a router (a dense model) gave hidden-state features instead
+    X = _features(rd.routing if rd.routing is not None else rd.hidden)
     clusterer = get_clusterer(cfg.method)
     common = dict(
         n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed, fit_fraction=cfg.fit_fraction
