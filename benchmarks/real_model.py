@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--sdist", default=str(CACHE / SDIST), help="llamafactory 0.9.5 sdist (alpaca_en_demo)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the in-process Ray")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
 
@@ -227,6 +228,15 @@ def main() -> None:
     t_model = time.perf_counter() - t0
     pool, labels = build_pool(work, args.n, args.bad_fraction, sdist, args.seed)
     out = work / "run"
+    import ray
+
+    from selectmoe.ray_utils import WORKER_ENV
+
+    # an in-process Ray of our own on loopback (never join another head running on this machine)
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+        _node_ip_address="127.0.0.1", runtime_env={"env_vars": dict(WORKER_ENV)},
+    )  # fmt: skip
     t1 = time.perf_counter()
     rc = cli(
         [

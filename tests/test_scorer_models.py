@@ -145,6 +145,9 @@ def test_text_signals_on_known_answers():
     assert copy_ratio(clean, prompt) == 0.0
     half = np.r_[np.arange(1, 13), np.arange(300, 312)]  # 17 8-grams, 5 inside the prompt
     assert copy_ratio(half, prompt) == pytest.approx(5 / 17)
+    assert copy_ratio(np.arange(3, 8), prompt) == 1.0  # a 5-token answer inside the prompt: a copy
+    assert copy_ratio(np.array([3, 9, 4, 5, 6]), prompt) == 0.0  # not contiguous there
+    assert copy_ratio(np.arange(3, 6), prompt) == 0.0  # 3 tokens: never called a copy
     # Data-Juicer's character repetition: "abcdefghijk" x3 -> 24 10-grams, 11 distinct (2 thrice, 9 twice);
     # the sqrt(11)=3 most frequent take 3+3+2 of 24
     assert char_rep_ratio("abcdefghijk" * 3) == pytest.approx(8 / 24)

@@ -10,7 +10,7 @@ and character-repetition filters, n-gram overlap with the prompt). Per row, floa
 |---|---|
 | ``rep_ratio`` | Data-Juicer's word-repetition ratio over the answer's *tokens*: the share of its token ``N``-grams (``N`` = :data:`TOKEN_NGRAM`) that occur more than once, every occurrence counted; 0 for an answer shorter than ``N`` |
 | ``char_rep_ratio`` | Data-Juicer's character-repetition ratio of the answer text (``rep_len`` = :data:`CHAR_NGRAM`): the share of all character ``n``-grams taken by the ``sqrt(#distinct)`` most frequent repeated ones |
-| ``copy_ratio`` | the share of the answer's token ``N``-grams that also occur among the rest of the sample's tokens (the prompt, template tags included); 0 for an answer shorter than ``N`` |
+| ``copy_ratio`` | the share of the answer's token ``N``-grams that also occur among the rest of the sample's tokens (the prompt, template tags included); an answer of 4 to ``N - 1`` tokens is one gram (1 when it occurs whole in the prompt), a shorter one 0 |
 | ``answer_tokens`` | answer (assistant) tokens inside the window; compared with its own dataset at selection |
 
 The answer is the tokens the response labels mark (every assistant turn; ``label_mode=assistant_only`` on
@@ -28,6 +28,7 @@ from selectmoe.data.encoding import IGNORE_INDEX
 
 TOKEN_NGRAM = 8  # tokens per n-gram (about Data-Juicer's 10 words at ~1.3 tokens a word, for short answers)
 CHAR_NGRAM = 10  # Data-Juicer's character_repetition_filter default rep_len
+MIN_COPY_TOKENS = 4  # a shorter answer is never called a copy
 
 
 def _ngram_keys(tokens: np.ndarray, n: int) -> np.ndarray:
@@ -48,9 +49,11 @@ def token_rep_ratio(answer: np.ndarray, n: int = TOKEN_NGRAM) -> float:
 
 
 def copy_ratio(answer: np.ndarray, prompt: np.ndarray, n: int = TOKEN_NGRAM) -> float:
-    if len(answer) < n:
-        return 0.0
-    if len(prompt) < n:
+    """Share of the answer's ``n``-grams found in the prompt; an answer of ``MIN_COPY_TOKENS``..``n-1``
+    tokens counts as one gram (is it, whole, inside the prompt? a short prompt copied verbatim), a shorter
+    one never (a one-word answer that names an option of its question is no copy)."""
+    n = min(n, len(answer))
+    if n < MIN_COPY_TOKENS or len(prompt) < n:
         return 0.0
     return float(np.isin(_ngram_keys(answer, n), _ngram_keys(prompt, n)).mean())
 
@@ -85,4 +88,12 @@ def text_signals(
     return out
 
 
-__all__ = ["CHAR_NGRAM", "TOKEN_NGRAM", "char_rep_ratio", "copy_ratio", "text_signals", "token_rep_ratio"]
+__all__ = [
+    "CHAR_NGRAM",
+    "MIN_COPY_TOKENS",
+    "TOKEN_NGRAM",
+    "char_rep_ratio",
+    "copy_ratio",
+    "text_signals",
+    "token_rep_ratio",
+]
