@@ -49,7 +49,25 @@ def time_forward(args) -> dict:
             if rep:  # the first round warms up
                 times[mode].append(time.perf_counter() - t)
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    return {"off_s": off, "on_s": on, "overhead": on / off - 1.0, "layers": args.layers}
+    return {"off_s": off, "on_s": on, "overhead": on / off - 1.0, "layers": args.layers, **time_pool(args)}
+
+
+def time_pool(args) -> dict:
+    """The added work alone (pooling + projection of one batch's last hidden states), median of 20: robust
+    where a loaded machine makes the two forward timings noisy."""
+    import torch
+
+    from selectmoe.scoring.features import pooled_hidden, projection_matrix
+
+    h = torch.randn(args.batch, args.tokens, 2048)
+    mask = torch.ones(args.batch, args.tokens, dtype=torch.long)
+    proj = projection_matrix(2048, 512)
+    runs = []
+    for _ in range(20):
+        t = time.perf_counter()
+        pooled_hidden(h, mask, proj)
+        runs.append(time.perf_counter() - t)
+    return {"pool_s": statistics.median(runs)}
 
 
 def disk(rows: int = 4000) -> dict:
@@ -84,9 +102,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pool-only", action="store_true", help="time only the added pooling (no forward)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    out = {"time": time_forward(args), "disk": disk()}
+    out = {"time": time_forward(args) if not args.pool_only else time_pool(args), "disk": disk()}
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
