@@ -154,6 +154,11 @@ def test_text_signals_on_known_answers():
     assert char_rep_ratio("short") == 0.0
     out = text_signals([[1, 2, 3, *range(10, 20)]], [[-100, -100, -100, *range(10, 20)]], ["x"])
     assert out["answer_tokens"][0] == 10 and out["rep_ratio"][0] == 0.0
+    # a 6-token prompt copied as the answer, closed by EOS (id 99): a copy once EOS is left out
+    ids, labels = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 99], [-100] * 6 + [5, 6, 7, 8, 9, 10, 99]
+    assert text_signals([ids], [labels], ["x"])["copy_ratio"][0] == 0.0
+    with_eos = text_signals([ids], [labels], ["x"], eos_id=99)
+    assert with_eos["copy_ratio"][0] == 1.0 and with_eos["answer_tokens"][0] == 6
 
 
 def test_text_flags_rank_degenerate_answers_last():

@@ -78,7 +78,8 @@ def encode_and_bucket(
     response_labels = [e.labels for e in by_response]
     encoded = encoded.append_column("response_labels", pa.array(response_labels, pa.list_(pa.int32())))
     answers = ["\n".join(m.get("content", "") for m in assistant_only(c)) for c in conversations]
-    signals = text_signals(encoded.column("input_ids").to_pylist(), response_labels, answers)
+    eos_id = resp.encoder.tokenizer.eos_token_id
+    signals = text_signals(encoded.column("input_ids").to_pylist(), response_labels, answers, eos_id=eos_id)
     for name in TEXT_COLUMNS:
         encoded = encoded.append_column(name, pa.array(signals[name], pa.float32()))
     if ifd:

@@ -11,7 +11,7 @@ and character-repetition filters, n-gram overlap with the prompt). Per row, floa
 | ``rep_ratio`` | Data-Juicer's word-repetition ratio over the answer's *tokens*: the share of its token ``N``-grams (``N`` = :data:`TOKEN_NGRAM`) that occur more than once, every occurrence counted; 0 for an answer shorter than ``N`` |
 | ``char_rep_ratio`` | Data-Juicer's character-repetition ratio of the answer text (``rep_len`` = :data:`CHAR_NGRAM`): the share of all character ``n``-grams taken by the ``sqrt(#distinct)`` most frequent repeated ones |
 | ``copy_ratio`` | the share of the answer's token ``N``-grams that also occur among the rest of the sample's tokens (the prompt, template tags included); an answer of 4 to ``N - 1`` tokens is one gram (1 when it occurs whole in the prompt), a shorter one 0 |
-| ``answer_tokens`` | answer (assistant) tokens inside the window; compared with its own dataset at selection |
+| ``answer_tokens`` | answer (assistant) tokens inside the window (EOS left out, as for the ratios) |
 
 The answer is the tokens the response labels mark (every assistant turn; ``label_mode=assistant_only`` on
 the same text) and their text. How selection uses them: :mod:`selectmoe.selection.scorers`.
@@ -71,20 +71,28 @@ def char_rep_ratio(text: str, n: int = CHAR_NGRAM) -> float:
 
 
 def text_signals(
-    input_ids: Sequence[Sequence[int]], response_labels: Sequence[Sequence[int]], answers: Sequence[str]
+    input_ids: Sequence[Sequence[int]],
+    response_labels: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    *,
+    eos_id: int | None = None,
 ) -> dict[str, np.ndarray]:
     """float32 ``[B]`` per :data:`selectmoe.router_data.TEXT_COLUMNS` for a batch of encoded rows
-    (``answers``: each row's assistant text, turns joined by a newline)."""
+    (``answers``: each row's assistant text, turns joined by a newline). ``eos_id``: the EOS token that
+    closes every assistant turn is left out of the answer's tokens (it is never in the prompt, so it would
+    hide a short copied prompt)."""
     out = {k: np.zeros(len(answers), np.float32) for k in ("rep_ratio", "char_rep_ratio", "copy_ratio")}
     out["answer_tokens"] = np.zeros(len(answers), np.float32)
     for i, (ids, labels, text) in enumerate(zip(input_ids, response_labels, answers)):
         ids = np.asarray(ids, np.int64)
         is_answer = np.asarray(labels, np.int64) != IGNORE_INDEX
         answer, prompt = ids[is_answer], ids[~is_answer]
+        if eos_id is not None:
+            answer = answer[answer != eos_id]
         out["rep_ratio"][i] = token_rep_ratio(answer)
         out["copy_ratio"][i] = copy_ratio(answer, prompt)
         out["char_rep_ratio"][i] = char_rep_ratio(text)
-        out["answer_tokens"][i] = float(is_answer.sum())
+        out["answer_tokens"][i] = float(len(answer))
     return out
 
 
