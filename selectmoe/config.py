@@ -140,7 +140,8 @@ class WarmupConfig(TrainingConfig):
 class ScoreConfig:
     """Stage 2: router inference over the whole pool on Ray Data -> router-data Parquet shards."""
 
-    model_dir: str = MISSING  # selector artefact (or a converted model)
+    # selector artefact, a converted Select-MoE, or any HF causal LM dir (dense or MoE): scoring/loading.py
+    model_dir: str = MISSING
     ingest_dir: str = MISSING  # the ingest stage's output: every shard is scored
     output_dir: str = MISSING
     batch_size: int = 32  # samples per model call
@@ -152,6 +153,11 @@ class ScoreConfig:
     # IFD (Cherry, L(A|Q) / L(A)): one more forward pass per sample, over the answer alone (short). On by
     # default: the default ranking, nll_ifd_min, needs it (it catches answers that do not fit their question)
     ifd: bool = True
+    # store each row's pooled last-layer hidden state (`hidden`, RDS+ position-weighted mean, fp16), projected
+    # to hidden_dim by a fixed seeded Gaussian (JL) map when the model is wider. Forced on for a scorer
+    # without routing (a dense model): select clusters on it
+    hidden: bool = False
+    hidden_dim: int = 512  # 512 fp16 = 1 KB a row (OLMoE's 2,048 would be 4 KB)
 
 
 @dataclass
@@ -163,9 +169,10 @@ class SelectConfig:
     output_dir: str = MISSING
     selection_percentage: float = 0.05
     # What rows are ranked by (selection/scorers.py): gate | response_nll | sample_nll | ifd | gate_ppl_rank
-    # | nll_ifd_min (ifd and nll_ifd_min need score.ifd=true).
-    # nll_ifd_min, ranked within each dataset, separates clean from bad best on the demo (benchmarks.md)
-    score: str = "nll_ifd_min"
+    # | nll_ifd_min | nll_ifd_text | rep_ratio | char_rep_ratio | copy_ratio | answer_tokens (ifd, nll_ifd_*
+    # need score.ifd=true). nll_ifd_text = nll_ifd_min with answers that repeat themselves or copy the prompt
+    # (scorers.TEXT_FLAGS) ranked last: a real pretrained model finds them easy (benchmarks.md, real model)
+    score: str = "nll_ifd_text"
     # quality_round_robin: best `quality_floor` share of the pool by score, then round-robin over clusters
     # (plain round_robin gives clusters of bad rows the same quota) | round_robin | proportional | top_k | random
     # | targeted: inside the same quality floor, round-robin over the target tasks by similarity (`target`)
@@ -287,6 +294,10 @@ class PipelineConfig:
 _STRATEGIES = ("ddp", "fsdp")
 _LABEL_MODES = ("full_sequence", "full_sequence_mask_tags", "assistant_only")
 _POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k", "random", "targeted")
+_SCORERS = (  # selection/scorers.py SCORERS (config stays free of heavy imports)
+    *("gate", "response_nll", "sample_nll", "ifd", "rep_ratio", "char_rep_ratio", "copy_ratio"),
+    *("answer_tokens", "gate_ppl_rank", "nll_ifd_min", "nll_ifd_text"),
+)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "messages", "sharegpt", "alpaca"),
     "convert.trash_expert_mode": ("zero", "noise", "custom"),
@@ -294,11 +305,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "warmup.label_mode": _LABEL_MODES,
     "warmup.strategy": _STRATEGIES,
     "warmup.quality_loss.type": (
-        "sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization", "custom",
+        "sigmoid",
+        "mse",
+        "beta_moment_matching",
+        "mean_variance_regularization",
+        "custom",
     ),
     "warmup.quality_loss.token_scope": ("all", "trained"),
     "score.dtype": ("auto", "bfloat16", "float32"),
-    "select.score": ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min"),
+    "select.score": _SCORERS,
     "select.policy": _POLICIES,
     "select.rank_within": ("dataset", "pool"),
     "select.k_choice": ("elbow", "kneedle", "silhouette"),
@@ -307,7 +322,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "finetune.strategy": _STRATEGIES,
     "evaluate.device": ("auto", "cpu", "cuda"),
     "tune.mode": ("max", "min"),
-}  # fmt: skip
+}
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -462,7 +477,7 @@ def _validate(cfg: PipelineConfig) -> None:
         )
     if not 0 < cfg.select.quality_floor <= 1:
         raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")
-    if cfg.select.score in ("ifd", "nll_ifd_min") and not cfg.score.ifd:
+    if cfg.select.score in ("ifd", "nll_ifd_min", "nll_ifd_text") and not cfg.score.ifd:
         raise ValueError(
             f"select.score={cfg.select.score} needs score.ifd=true (IFD is an extra forward pass at scoring)"
         )

@@ -26,7 +26,9 @@ from selectmoe.eval_tasks import DEMO_TASK
 from selectmoe.evaluation.paired import PairedDifference, paired_difference, paired_verdict
 from selectmoe.manifest import read_manifest
 from selectmoe.markdown import markdown_table
+from selectmoe.router_data import TEXT_COLUMNS
 from selectmoe.selection.plots import cluster_sizes_figure, k_sweep_figure, pyplot
+from selectmoe.selection.scorers import TEXT_FLAGS
 from selectmoe.stages.evaluate import PER_QUESTION
 
 
@@ -100,55 +102,97 @@ def add_router_sections(report: Report, router_dir: Path) -> None:
     plt = pyplot()
     datasets, ds_index = np.unique(np.asarray(data.datasets), return_inverse=True)
     datasets = datasets.tolist()
+    scorer = ((read_manifest(router_dir) or {}).get("extra") or {}).get("scorer") or {}
+    if scorer:
+        report.table(
+            "Scorer model",
+            ["model", "kind", "architecture", "signals"],
+            [
+                [
+                    scorer.get("model_dir"),
+                    scorer.get("kind"),
+                    scorer.get("architecture"),
+                    ", ".join(scorer.get("signals", [])),
+                ]
+            ],
+        )
+    gate = data.quality is not None
     report.table(
         "Router data",
-        ["samples", "datasets", "layers", "experts", "truncated", "mean quality", "mean tokens"],
+        [
+            "samples",
+            "datasets",
+            "layers",
+            "experts",
+            "hidden dim",
+            "truncated",
+            "mean quality",
+            "mean tokens",
+        ],
         [
             [
                 len(data),
                 len(datasets),
                 data.num_layers,
                 data.num_experts,
+                data.hidden_dim,
                 int(data.truncated.sum()),
-                float(data.quality.mean()),
+                float(data.quality.mean()) if gate else None,
                 float(data.n_tokens.mean()),
             ]
         ],
     )
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist(data.quality, bins=50, color="#4477aa")
-    ax.set_xlabel("quality (mean gate g)")
-    ax.set_ylabel("samples")
-    report.figure("Quality distribution", "quality_hist.png", fig)
+    signals = [c for c in TEXT_COLUMNS if np.isfinite(getattr(data, c)).any()]
+    if signals:
+        report.table(
+            "Answer text signals (mean, 95th percentile, share over the ranking's flag)",
+            ["signal", "mean", "p95", "flagged"],
+            [
+                [
+                    c,
+                    float(np.nanmean(getattr(data, c))),
+                    float(np.nanpercentile(getattr(data, c), 95)),
+                    float(np.mean(getattr(data, c) > TEXT_FLAGS[c])) if c in TEXT_FLAGS else None,
+                ]
+                for c in signals
+            ],
+        )
+    if gate:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.hist(data.quality, bins=50, color="#4477aa")
+        ax.set_xlabel("quality (mean gate g)")
+        ax.set_ylabel("samples")
+        report.figure("Quality distribution", "quality_hist.png", fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.boxplot([data.quality[ds_index == i] for i in range(len(datasets))], showfliers=False)
-    ax.set_xticks(range(1, len(datasets) + 1), datasets, rotation=30, ha="right")
-    ax.set_ylabel("quality")
-    report.figure("Quality per dataset", "quality_per_dataset.png", fig)
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.boxplot([data.quality[ds_index == i] for i in range(len(datasets))], showfliers=False)
+        ax.set_xticks(range(1, len(datasets) + 1), datasets, rotation=30, ha="right")
+        ax.set_ylabel("quality")
+        report.figure("Quality per dataset", "quality_per_dataset.png", fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    layer_means = data.quality_layers.mean(axis=0)
-    ax.bar(range(data.num_layers), layer_means, color="#228833")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean gate g")
-    report.figure("Mean gate value per layer", "gate_per_layer.png", fig)
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        layer_means = data.quality_layers.mean(axis=0)
+        ax.bar(range(data.num_layers), layer_means, color="#228833")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean gate g")
+        report.figure("Mean gate value per layer", "gate_per_layer.png", fig)
 
-    # Streamed row group by row group: the routing matrix is never whole in memory.
-    usage = np.zeros((len(datasets), data.num_experts))
-    start = 0
-    for _, block in iter_feature_blocks(data.shards, "routing"):
-        codes = ds_index[start : start + len(block)]
-        per_expert = block.astype(np.float32).reshape(len(block), data.num_layers, -1).mean(axis=1)
-        np.add.at(usage, codes, per_expert)
-        start += len(block)
-    usage /= np.maximum(np.bincount(ds_index, minlength=len(datasets)), 1)[:, None]
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(datasets)))
-    im = ax.imshow(usage, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(datasets)), datasets)
-    ax.set_xlabel("expert (mean routing probability over layers)")
-    fig.colorbar(im, ax=ax)
-    report.figure("Expert usage per dataset", "expert_usage.png", fig)
+    if data.num_experts:  # a dense scorer has no routing
+        # Streamed row group by row group: the routing matrix is never whole in memory.
+        usage = np.zeros((len(datasets), data.num_experts))
+        start = 0
+        for _, block in iter_feature_blocks(data.shards, "routing"):
+            codes = ds_index[start : start + len(block)]
+            per_expert = block.astype(np.float32).reshape(len(block), data.num_layers, -1).mean(axis=1)
+            np.add.at(usage, codes, per_expert)
+            start += len(block)
+        usage /= np.maximum(np.bincount(ds_index, minlength=len(datasets)), 1)[:, None]
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(datasets)))
+        im = ax.imshow(usage, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(datasets)), datasets)
+        ax.set_xlabel("expert (mean routing probability over layers)")
+        fig.colorbar(im, ax=ax)
+        report.figure("Expert usage per dataset", "expert_usage.png", fig)
 
 
 def build_router_report(router_dir: Path, out_dir: Path) -> dict[str, str]:

@@ -8,7 +8,8 @@ costs one read per row group, so tiny groups made reading slower than the cluste
 Selection never holds the whole ``[N, F]`` feature matrix: it reads the small columns
 (:func:`read_columns`), a seeded sample of feature rows (:func:`read_feature_rows`) and streams the rest
 shard by shard (:func:`iter_feature_blocks`). :func:`load_router_data` materialises everything for small
-pools (tests, the report's small tables).
+pools (tests, the report's small tables). Gate, routing and hidden columns are optional: a scorer without
+a gate or a router has no such column (never a fake one).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ META_EXPERTS = b"selectmoe.num_experts"
 META_HIDDEN = b"selectmoe.hidden_dim"
 # The base model's perplexity anchors, from the score stage's forward pass (ifd: its optional extra pass).
 NLL_COLUMNS = ("response_nll", "sample_nll", "ifd")
+# Cheap text signals of the answer, from the tokens the score stage encodes (scoring/text_signals.py).
+TEXT_COLUMNS = ("rep_ratio", "char_rep_ratio", "copy_ratio", "answer_tokens")
 # Feature columns select can cluster on (fixed_size_list<float16>); see select.features.
 FEATURE_COLUMNS = ("routing", "hidden")
 # A row group is written once this many rows (or ROW_GROUP_BYTES of features) are buffered.
@@ -36,24 +39,27 @@ ROW_GROUP_ROWS = 16384
 ROW_GROUP_BYTES = 64 << 20
 
 
-def router_schema(num_layers: int, num_experts: int, *, hidden_dim: int = 0) -> pa.Schema:
-    """The one router-data schema (see docs/architecture.md); ``hidden`` only when ``hidden_dim > 0``."""
+def router_schema(num_layers: int, num_experts: int, *, gate: bool = True, hidden_dim: int = 0) -> pa.Schema:
+    """The one router-data schema (see docs/architecture.md). Optional blocks: ``quality`` +
+    ``quality_layers`` only for a scorer with a gate (``gate``), ``routing`` only for an MoE
+    (``num_experts > 0``), ``hidden`` only with ``hidden_dim > 0`` (``score.hidden``)."""
     fields = [
         ("id", pa.string()),
         ("dataset", pa.string()),
         ("n_tokens", pa.int32()),
         ("truncated", pa.bool_()),
         ("full_tokens", pa.int32()),  # length before truncation: what max_length would keep it whole
-        ("quality", pa.float32()),
+        *([("quality", pa.float32())] if gate else []),
         ("response_nll", pa.float32()),
         ("sample_nll", pa.float32()),
         ("ifd", pa.float32()),
-        ("quality_layers", pa.list_(pa.float32(), num_layers)),
-        ("routing", pa.list_(pa.float16(), num_layers * num_experts)),
+        *((c, pa.float32()) for c in TEXT_COLUMNS),
+        *([("quality_layers", pa.list_(pa.float32(), num_layers))] if gate else []),
+        *([("routing", pa.list_(pa.float16(), num_layers * num_experts))] if num_experts else []),
+        *([("hidden", pa.list_(pa.float16(), hidden_dim))] if hidden_dim else []),
     ]
     meta = {META_LAYERS: str(num_layers).encode(), META_EXPERTS: str(num_experts).encode()}
     if hidden_dim:
-        fields.append(("hidden", pa.list_(pa.float16(), hidden_dim)))
         meta[META_HIDDEN] = str(hidden_dim).encode()
     return pa.schema(fields, metadata=meta)
 
@@ -80,10 +86,12 @@ class RouterDataWriter:
         num_layers: int,
         num_experts: int,
         *,
+        gate: bool = True,
         hidden_dim: int = 0,
     ):
-        self.num_layers, self.num_experts, self.hidden_dim = num_layers, num_experts, hidden_dim
-        self.schema = router_schema(num_layers, num_experts, hidden_dim=hidden_dim)
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.gate, self.hidden_dim = gate, int(hidden_dim)
+        self.schema = router_schema(num_layers, num_experts, gate=gate, hidden_dim=self.hidden_dim)
         shard_dir = Path(directory) / SHARD_DIR
         shard_dir.mkdir(parents=True, exist_ok=True)
         self.path = shard_dir / f"{shard_name}.parquet"
@@ -98,54 +106,46 @@ class RouterDataWriter:
 
     def write_batch(self, columns: Mapping[str, Any]) -> None:
         """``columns``: id, dataset (lists of str), n_tokens [B], truncated [B], full_tokens [B] (optional,
-        default n_tokens), quality [B] (float),
-        quality_layers [B, L] (float), routing [B, L*E] or [B, L, E] (float; float16 is stored as is);
-        optional :data:`NLL_COLUMNS` [B] (float, NaN when absent: not computed); ``hidden`` [B, D] when
-        the writer was made with ``hidden_dim=D``. Rows are buffered into row groups of
-        :data:`ROW_GROUP_ROWS` rows (or :data:`ROW_GROUP_BYTES`)."""
+        default n_tokens); with a gate quality [B] and quality_layers [B, L]; for an MoE routing [B, L*E]
+        or [B, L, E]; with ``hidden_dim`` hidden [B, D] (all float); optional :data:`NLL_COLUMNS` and
+        :data:`TEXT_COLUMNS` [B] (float, NaN when absent: not computed). float16 features are stored as they are; rows are buffered
+        into row groups of :data:`ROW_GROUP_ROWS` rows (or :data:`ROW_GROUP_BYTES`)."""
         n = len(columns["id"])
         if n == 0:
             return
-        quality_layers = np.asarray(columns["quality_layers"], dtype=np.float32).reshape(n, self.num_layers)
-        routing = _fp16(columns["routing"], n, self.num_layers * self.num_experts)
-        if routing.shape[1] != self.num_layers * self.num_experts:
-            raise ValueError(
-                f"routing has {routing.shape[1]} features per sample, expected "
-                f"{self.num_layers}x{self.num_experts}={self.num_layers * self.num_experts}"
-            )
-        extra = {}
+        data = {
+            "id": pa.array([str(x) for x in columns["id"]], pa.string()),
+            "dataset": pa.array([str(x) for x in columns["dataset"]], pa.string()),
+            "n_tokens": pa.array(np.asarray(columns["n_tokens"], dtype=np.int32)),
+            "truncated": pa.array(np.asarray(columns["truncated"], dtype=bool)),
+            "full_tokens": pa.array(
+                np.asarray(columns.get("full_tokens", columns["n_tokens"]), dtype=np.int32)
+            ),
+            **{
+                c: pa.array(np.asarray(columns.get(c, np.full(n, np.nan)), dtype=np.float32))
+                for c in (*NLL_COLUMNS, *TEXT_COLUMNS)
+            },
+        }
+        if self.gate:
+            data["quality"] = pa.array(np.asarray(columns["quality"], dtype=np.float32))
+            layers = np.asarray(columns["quality_layers"], dtype=np.float32).reshape(n, self.num_layers)
+            data["quality_layers"] = _fixed(layers, pa.float32())
+        if self.num_experts:
+            routing = _fp16(columns["routing"], n, self.num_layers * self.num_experts)
+            if routing.shape[1] != self.num_layers * self.num_experts:
+                raise ValueError(
+                    f"routing has {routing.shape[1]} features per sample, expected "
+                    f"{self.num_layers}x{self.num_experts}={self.num_layers * self.num_experts}"
+                )
+            data["routing"] = _fixed(routing, pa.float16())
         if self.hidden_dim:
             hidden = _fp16(columns["hidden"], n, self.hidden_dim)
             if hidden.shape[1] != self.hidden_dim:
                 raise ValueError(
-                    f"hidden has {hidden.shape[1]} values per sample, expected {self.hidden_dim}"
+                    f"hidden has {hidden.shape[1]} features per sample, expected {self.hidden_dim}"
                 )
-            extra["hidden"] = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), self.hidden_dim)
-        table = pa.table(
-            {
-                "id": pa.array([str(x) for x in columns["id"]], pa.string()),
-                "dataset": pa.array([str(x) for x in columns["dataset"]], pa.string()),
-                "n_tokens": pa.array(np.asarray(columns["n_tokens"], dtype=np.int32)),
-                "truncated": pa.array(np.asarray(columns["truncated"], dtype=bool)),
-                "full_tokens": pa.array(
-                    np.asarray(columns.get("full_tokens", columns["n_tokens"]), dtype=np.int32)
-                ),
-                "quality": pa.array(np.asarray(columns["quality"], dtype=np.float32)),
-                **{
-                    c: pa.array(np.asarray(columns.get(c, np.full(n, np.nan)), dtype=np.float32))
-                    for c in NLL_COLUMNS
-                },
-                "quality_layers": pa.FixedSizeListArray.from_arrays(
-                    pa.array(quality_layers.reshape(-1)), self.num_layers
-                ),
-                "routing": pa.FixedSizeListArray.from_arrays(
-                    pa.array(routing.reshape(-1)), self.num_layers * self.num_experts
-                ),
-                **extra,
-            },
-            schema=self.schema,
-        )
-        self._pending.append(table)
+            data["hidden"] = _fixed(hidden, pa.float16())
+        self._pending.append(pa.table(data, schema=self.schema))
         self._pending_rows += n
         self.rows += n
         if self._pending_rows >= min(ROW_GROUP_ROWS, max(1, ROW_GROUP_BYTES // self._row_bytes)):
@@ -167,33 +167,51 @@ class RouterDataWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+def _fixed(values: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type_), values.shape[1])
+
+
 @dataclass
 class RouterData:
-    """The small columns of router data (and, on request, the routing matrix), in sorted-shard order."""
+    """Everything selection needs, in the order of the sorted shard files. The optional blocks are None
+    when the scorer did not produce them (no gate, no router, ``score.hidden`` off)."""
 
     ids: list[str]
     datasets: list[str]
-    quality: np.ndarray  # float32 [N], the gate score
+    quality: np.ndarray | None  # float32 [N], the gate score (None: the scorer has no gate)
     response_nll: np.ndarray  # float32 [N], mean NLL of the assistant tokens (NaN: none in the window)
     sample_nll: np.ndarray  # float32 [N], mean NLL of the whole sample
     ifd: np.ndarray  # float32 [N], L(A|Q)/L(A) (NaN unless score.ifd)
-    quality_layers: np.ndarray  # float32 [N, L]
-    routing: np.ndarray | None  # float16 [N, L*E] (only with load_router_data(..., routing=True))
+    quality_layers: np.ndarray | None  # float32 [N, L]
+    routing: np.ndarray | None  # float16 [N, L*E] (load_router_data(..., routing=True); None: a dense scorer)
     n_tokens: np.ndarray  # int32 [N]
     truncated: np.ndarray  # bool [N]
     num_layers: int
     num_experts: int
     shards: list[Path]
+    hidden: np.ndarray | None = None  # float16 [N, D] (same; None: score.hidden off)
+    hidden_dim: int = 0
+    # text signals of the answer (TEXT_COLUMNS; NaN when the shards predate them)
+    rep_ratio: np.ndarray | None = None
+    char_rep_ratio: np.ndarray | None = None
+    copy_ratio: np.ndarray | None = None
+    answer_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """The feature blocks present: ``routing`` and/or ``hidden``."""
+        return [c for c in ("routing", "hidden") if getattr(self, c) is not None]
 
 
 def shard_paths(directory: str | os.PathLike) -> list[Path]:
     return sorted((Path(directory) / SHARD_DIR).glob("*.parquet"))
 
 
-SMALL_COLUMNS = ("id", "dataset", "n_tokens", "truncated", "quality", *NLL_COLUMNS, "quality_layers")
+SMALL_COLUMNS = ("id", "dataset", "n_tokens", "truncated", *NLL_COLUMNS)
+GATE_COLUMNS = ("quality", "quality_layers")
 
 
 def read_columns(shards: Sequence[Path], columns: Sequence[str]) -> pa.Table:
@@ -202,40 +220,61 @@ def read_columns(shards: Sequence[Path], columns: Sequence[str]) -> pa.Table:
 
 
 def load_router_data(directory: str | os.PathLike, *, routing: bool = False) -> RouterData:
-    """The small columns as numpy/lists; ``routing=True`` also reads the float16 routing matrix into
-    memory (small pools only: selection streams it instead)."""
+    """The small columns as numpy/lists; ``routing=True`` also reads the float16 feature matrices
+    (``routing``, ``hidden``) into memory (small pools only: selection streams them instead)."""
     shards = shard_paths(directory)
     if not shards:
         raise FileNotFoundError(f"no router-data shards under {Path(directory) / SHARD_DIR}")
-    num_layers, num_experts = router_shape(shards)
-    small = read_columns(shards, SMALL_COLUMNS)
+    num_layers, num_experts, hidden_dim, names = _shape_of(shards)
+    gate = "quality" in names
+    cols = [*SMALL_COLUMNS, *(c for c in TEXT_COLUMNS if c in names), *(GATE_COLUMNS if gate else ())]
+    small = read_columns(shards, cols)
     n = small.num_rows
-    quality_layers = (
-        small.column("quality_layers").combine_chunks().flatten().to_numpy().reshape(n, num_layers)
-        if n
-        else np.zeros((0, num_layers), np.float32)
-    )
-    matrix = None
-    if routing:
-        blocks = [b for _, b in iter_feature_blocks(shards, "routing")]
-        matrix = np.concatenate(blocks) if blocks else np.zeros((0, num_layers * num_experts), np.float16)
+    quality_layers = None
+    if gate:
+        quality_layers = (
+            small.column("quality_layers").combine_chunks().flatten().to_numpy().reshape(n, num_layers)
+            if n
+            else np.zeros((0, num_layers), np.float32)
+        ).astype(np.float32, copy=False)
+
+    def matrix(column: str, width: int) -> np.ndarray | None:
+        if not (routing and width):
+            return None
+        blocks = [b for _, b in iter_feature_blocks(shards, column)]
+        return np.concatenate(blocks) if blocks else np.zeros((0, width), np.float16)
+
+    def f32(c: str) -> np.ndarray:
+        if c not in small.column_names:
+            return np.full(n, np.nan, np.float32)
+        return small.column(c).to_numpy().astype(np.float32, copy=False)
+
     return RouterData(
         ids=small.column("id").to_pylist(),
         datasets=small.column("dataset").to_pylist(),
-        quality=small.column("quality").to_numpy().astype(np.float32, copy=False),
-        **{c: small.column(c).to_numpy().astype(np.float32, copy=False) for c in NLL_COLUMNS},
-        quality_layers=quality_layers.astype(np.float32, copy=False),
-        routing=matrix,
+        quality=f32("quality") if gate else None,
+        **{c: f32(c) for c in NLL_COLUMNS},
+        quality_layers=quality_layers,
+        routing=matrix("routing", num_layers * num_experts),
         n_tokens=small.column("n_tokens").to_numpy(),
         truncated=small.column("truncated").to_numpy(zero_copy_only=False),
         num_layers=num_layers,
         num_experts=num_experts,
         shards=shards,
+        hidden=matrix("hidden", hidden_dim),
+        hidden_dim=hidden_dim,
+        **{c: f32(c) for c in TEXT_COLUMNS},
     )
 
 
 def router_shape(shards: Sequence[Path]) -> tuple[int, int]:
-    """(layers, experts) every shard agrees on; a shard without the metadata or the NLL columns fails."""
+    """(layers, experts) every shard agrees on (experts 0: a dense scorer, no routing column)."""
+    layers, experts, _, _ = _shape_of(shards)
+    return layers, experts
+
+
+def _shape_of(shards: list[Path]) -> tuple[int, int, int, list[str]]:
+    """``(layers, experts, hidden_dim, column names)``, the same in every shard or an error naming them."""
     shapes = set()
     for p in shards:
         schema = pq.read_schema(p)
@@ -247,10 +286,17 @@ def router_shape(shards: Sequence[Path]) -> tuple[int, int]:
             raise ValueError(
                 f"{p}: router-data shard of an older format lacks {missing}; rerun the score stage"
             )
-        shapes.add((int(meta[META_LAYERS]), int(meta[META_EXPERTS])))
+        experts = int(meta[META_EXPERTS]) if "routing" in schema.names else 0
+        shape = (int(meta[META_LAYERS]), experts, int(meta.get(META_HIDDEN, b"0")), "quality" in schema.names)
+        shapes.add(shape)
+        names = schema.names
     if len(shapes) != 1:
-        raise ValueError(f"router-data shards disagree on (layers, experts): {sorted(shapes)}")
-    return shapes.pop()
+        raise ValueError(
+            f"router-data shards disagree on (layers, experts, hidden_dim, gate): {sorted(shapes)}; "
+            "rerun the score stage"
+        )
+    layers, experts, hidden_dim, _ = shapes.pop()
+    return layers, experts, hidden_dim, names
 
 
 def feature_widths(shards: Sequence[Path]) -> dict[str, int]:

@@ -1,4 +1,6 @@
-"""The four response corruptions used by the warmup probe and the demo pool (known-bad twins).
+"""The four response corruptions used by the warmup probe and the demo pool (known-bad twins), and two
+degenerate-but-predictable ones (:data:`DEGENERATE`: the answer copies the prompt, or repeats its first
+sentence) that a pretrained model finds *easy*, used by ``benchmarks/real_model.py``.
 
 Each returns a *new* record (deep copy; ``id``/``dataset`` untouched) whose last assistant turn is
 corrupted; deterministic given ``rng``.
@@ -8,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import string
 from typing import Any
 
 CORRUPTIONS = ("shuffle_words", "swap_response", "truncate", "noise")
+DEGENERATE = ("copy_prompt", "repeat_sentence")
 _NOISE_ALPHABET = string.ascii_letters + string.digits + string.punctuation + "    "
 
 
@@ -50,12 +54,27 @@ def noise_text(text: str, rng: random.Random) -> str:
     return out or "#" * n
 
 
+def first_sentence_repeated(text: str, rng: random.Random) -> str:
+    """The answer's first sentence (or line), repeated until the answer is as long as before (3-5 times)."""
+    match = re.match(r"\s*(.+?[.!?])(\s|$)", text, flags=re.S)
+    first = (match.group(1) if match else text.strip().split("\n")[0]).strip() or text
+    times = max(rng.randint(3, 5), -(-len(text) // max(len(first), 1)))
+    return " ".join([first] * min(times, 20))
+
+
+def _last_user(messages: list[dict[str, Any]], before: int) -> str:
+    for i in range(before - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return messages[i]["content"]
+    raise ValueError("record has no user turn before its last assistant turn")
+
+
 def corrupt(
     record: dict[str, Any], kind: str, rng: random.Random, donor: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A corrupted copy of ``record`` (its last assistant turn); ``swap_response`` needs a ``donor`` record."""
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+    if kind not in CORRUPTIONS + DEGENERATE:
+        raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS + DEGENERATE}")
     new = copy.deepcopy(record)
     msgs = new["messages"]
     i = _last_assistant(msgs)
@@ -69,6 +88,10 @@ def corrupt(
         msgs[i]["content"] = dmsgs[_last_assistant(dmsgs)]["content"]
     elif kind == "truncate":
         msgs[i]["content"] = truncate_words(text, rng)
+    elif kind == "copy_prompt":
+        msgs[i]["content"] = _last_user(msgs, i)
+    elif kind == "repeat_sentence":
+        msgs[i]["content"] = first_sentence_repeated(text, rng)
     else:
         msgs[i]["content"] = noise_text(text, rng)
     return new

@@ -5,7 +5,8 @@
     read_ingested(shard) + "_shard" column   (read tasks, one dataset per pending shard, unioned)
       -> encode_and_bucket                     (CPU tasks, its own stage so the next batches are ready
                                                 while the model runs: THE encoder with the selector's
-                                                EncodingSpec over a window of ``sort_window`` rows, sorted
+                                                EncodingSpec + the answer's text signals over a
+                                                window of ``sort_window`` rows, sorted
                                                 by length and cut into ``batch_size``-row blocks -> little
                                                 padding, enough blocks for every replica)
       -> RouterScorer                          (actor pool of ``num_replicas`` replicas holding the model;
@@ -23,13 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selectmoe.config import ScoreConfig
+from selectmoe.router_data import TEXT_COLUMNS
 from selectmoe.scoring.model import assistant_only, response_spec
 from selectmoe.scoring.records import shard_name
 from selectmoe.scoring.scorer import SHARD_COLUMN, RouterScorer
+from selectmoe.scoring.text_signals import text_signals
 
 _PASS_COLUMNS = (
     "id", "dataset", "n_tokens", "truncated", "full_tokens", "input_ids", "labels", "response_labels",
-    "answer_input_ids", "answer_labels", SHARD_COLUMN,
+    "answer_input_ids", "answer_labels", SHARD_COLUMN, *TEXT_COLUMNS,
 )  # fmt: skip
 
 
@@ -72,9 +75,13 @@ def encode_and_bucket(
     conversations = _messages_column(batch)
     resp = cached_encoder(tokenizer_dir, response_spec(spec))
     by_response = resp.encoder.encode_many(conversations)
-    encoded = encoded.append_column(
-        "response_labels", pa.array([e.labels for e in by_response], pa.list_(pa.int32()))
-    )
+    response_labels = [e.labels for e in by_response]
+    encoded = encoded.append_column("response_labels", pa.array(response_labels, pa.list_(pa.int32())))
+    answers = ["\n".join(m.get("content", "") for m in assistant_only(c)) for c in conversations]
+    eos_id = resp.encoder.tokenizer.eos_token_id
+    signals = text_signals(encoded.column("input_ids").to_pylist(), response_labels, answers, eos_id=eos_id)
+    for name in TEXT_COLUMNS:
+        encoded = encoded.append_column(name, pa.array(signals[name], pa.float32()))
     if ifd:
         answers = resp.encoder.encode_many([assistant_only(c) for c in conversations])
         encoded = encoded.append_column(

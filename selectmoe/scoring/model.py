@@ -1,4 +1,5 @@
-"""THE scoring function: per-sample gate quality, routing features and NLL anchors from one forward pass.
+"""THE scoring function: per-sample gate quality, routing / hidden-state features and NLL anchors from one
+forward pass, for a Select-MoE, any other Hugging Face MoE or a dense causal LM.
 
 Used by the score stage's replicas (:mod:`selectmoe.scoring.scorer`) and the quality probe
 (:mod:`selectmoe.scoring.probe`), so a stored score and a probe score are the same number.
@@ -56,43 +57,81 @@ def mean_token_nll(logits, targets):
     return mean.cpu().numpy()
 
 
+def scorer_kind(config) -> str:
+    """``select_moe`` (gate + routing), ``moe`` (an HF MoE: routing, no gate) or ``dense`` (neither)."""
+    if getattr(config, "model_type", None) == "select_moe":
+        return "select_moe"
+    if int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0) or 0) > 0:
+        return "moe"
+    return "dense"
+
+
 def score_batch(
-    model, input_ids, attention_mask, labels, *, scope: str, response_labels=None
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    *,
+    scope: str,
+    response_labels=None,
+    hidden_projection=None,
+    hidden: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-sample statistics of one padded batch, all from ONE forward pass (the scoring function itself).
 
-    Returns fp32 numpy ``quality [B]`` (the gate), ``quality_layers [B, L]``, ``routing [B, L*E]``,
-    ``sample_nll [B]`` (mean NLL of every token after the first) and ``response_nll [B]`` (mean NLL of the
-    tokens ``response_labels`` marks, i.e. the assistant turns; NaN when ``response_labels`` is None or
-    marks nothing). Reductions are fp32 whatever the model dtype; only label/pad-masked tokens count, so a
-    sample scores the same alone and inside a right-padded batch. No KV cache (one pass, nothing decoded).
-    ``torch.no_grad``, not ``inference_mode``: the probe runs this inside training, on an FSDP model whose
-    first forward allocates buffers that later steps update in place (an inference tensor refuses that).
+    Returns fp32 numpy ``sample_nll [B]`` (mean NLL of every token after the first) and ``response_nll
+    [B]`` (mean NLL of the tokens ``response_labels`` marks, i.e. the assistant turns; NaN when
+    ``response_labels`` is None or marks nothing); for a Select-MoE ``quality [B]`` (the gate) and
+    ``quality_layers [B, L]``; for any MoE ``routing [B, L*E]``; with ``hidden`` the pooled last-layer
+    hidden state ``hidden [B, D]`` (:func:`selectmoe.scoring.features.pooled_hidden`, projected by
+    ``hidden_projection``). A model without a gate or a router simply has no such key (never a fake
+    value). Reductions are fp32 whatever the model dtype; only label/pad-masked tokens count, so a sample
+    scores the same alone and inside a right-padded batch. No KV cache (one pass,
+    nothing decoded). ``torch.no_grad``, not ``inference_mode``: the probe runs this inside training, on an
+    FSDP model whose first forward allocates buffers that later steps update in place (an inference tensor
+    refuses that).
     """
     import torch
 
     from selectmoe.model import router_sample_stats, token_mask_for_scope
+    from selectmoe.scoring.features import moe_routing, pooled_hidden
 
-    with torch.no_grad():
-        out = model(
-            input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True, use_cache=False
+    kind = scorer_kind(model.config)
+    captured: dict[str, Any] = {}
+    handle = None
+    if hidden:  # the LM head's input is the final-norm last hidden state, in every HF causal LM
+        handle = model.get_output_embeddings().register_forward_pre_hook(
+            lambda _module, args: captured.__setitem__("h", args[0])
         )
-        mask = token_mask_for_scope(attention_mask, labels, scope)
-        quality, quality_layers, routing = router_sample_stats(out.router_logits, mask)
-        sample_targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        sample_nll = mean_token_nll(out.logits, sample_targets)
-        response_nll = (
-            mean_token_nll(out.logits, response_labels)
-            if response_labels is not None
-            else np.full(input_ids.shape[0], np.nan, np.float32)
-        )
-    return {
-        "quality": quality.float().cpu().numpy(),
-        "quality_layers": quality_layers.float().cpu().numpy(),
-        "routing": routing.float().cpu().numpy(),
-        "sample_nll": sample_nll,
-        "response_nll": response_nll,
-    }
+    try:
+        with torch.no_grad():
+            kwargs = {"output_router_logits": True} if kind != "dense" else {}
+            kwargs["use_cache"] = False
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            stats: dict[str, np.ndarray] = {}
+            mask = token_mask_for_scope(attention_mask, labels, scope)
+            if kind == "select_moe":
+                quality, quality_layers, routing = router_sample_stats(out.router_logits, mask)
+                stats["quality"] = quality.float().cpu().numpy()
+                stats["quality_layers"] = quality_layers.float().cpu().numpy()
+                stats["routing"] = routing.float().cpu().numpy()
+            elif kind == "moe":
+                stats["routing"] = moe_routing(out.router_logits, mask).cpu().numpy()
+            if hidden:
+                stats["hidden"] = (
+                    pooled_hidden(captured["h"], attention_mask, hidden_projection).cpu().numpy()
+                )
+            sample_targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            stats["sample_nll"] = mean_token_nll(out.logits, sample_targets)
+            stats["response_nll"] = (
+                mean_token_nll(out.logits, response_labels)
+                if response_labels is not None
+                else np.full(input_ids.shape[0], np.nan, np.float32)
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
+    return stats
 
 
 def length_groups(lengths: Sequence[int], *, min_rows: int = 8, max_ratio: float = 1.25) -> list[np.ndarray]:

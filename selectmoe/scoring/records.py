@@ -24,7 +24,7 @@ from selectmoe.scoring.model import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-SCORE_FORMAT_VERSION = 3  # 2: response_nll, sample_nll, ifd columns; 3: full_tokens
+SCORE_FORMAT_VERSION = 4  # 2: NLL columns; 3: full_tokens; 4: optional gate/routing, hidden, text signals
 DONE_SUFFIX = ".done.json"
 
 
@@ -110,9 +110,16 @@ def remove_orphans(out_dir: Path, names: set[str]) -> None:
 
 
 def model_fingerprint(
-    model_dir: str, encoding: Mapping[str, Any], dtype: str, use_gpu: bool, *, ifd: bool = False
+    model_dir: str,
+    encoding: Mapping[str, Any],
+    dtype: str,
+    use_gpu: bool,
+    *,
+    ifd: bool = False,
+    hidden_dim: int = 0,
 ) -> str:
-    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype, IFD pass) +
+    """Model weights/config/tokenizer + the settings that change the numbers (encoding, dtype, IFD pass,
+    stored hidden width) +
     the score stage's code version (a changed scoring function rescores every shard)."""
     from selectmoe.code_version import code_version
 
@@ -124,5 +131,6 @@ def model_fingerprint(
         "dtype": str(resolve_dtype(dtype, use_gpu)),
         "format": SCORE_FORMAT_VERSION,
         "ifd": bool(ifd),
+        "hidden_dim": int(hidden_dim),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

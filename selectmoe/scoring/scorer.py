@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selectmoe.data.encoding import pad_columns
+from selectmoe.router_data import TEXT_COLUMNS
 from selectmoe.scoring.model import answer_only_nll, resolve_dtype, score_batch
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ class RouterScorer:
         use_gpu: bool = False,
         num_threads: int | None = None,
         crash_once_marker: str | None = None,
+        hidden_dim: int = 0,
     ):
         import torch
+
+        from selectmoe.scoring.features import projection_matrix
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -48,13 +52,17 @@ class RouterScorer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.scope = getattr(self.model.config, "quality_token_scope", "all")
-        self.num_layers, self.num_experts = model_shape(self.model.config)
+        # hidden_dim > 0: store the pooled hidden state, JL-projected to hidden_dim when the model is wider
+        self.hidden = int(hidden_dim) > 0
+        size = int(self.model.get_output_embeddings().in_features)
+        self.projection = projection_matrix(size, int(hidden_dim)) if self.hidden else None
+        if self.projection is not None:
+            self.projection = self.projection.to(self.device)
 
     def _load(self, model_dir: str):
-        from selectmoe.model import load_selector
+        from selectmoe.scoring.loading import load_scorer
 
-        model, tokenizer, _ = load_selector(model_dir, dtype=self.dtype, device=self.device)
-        return model, tokenizer
+        return load_scorer(model_dir, dtype=self.dtype, device=self.device)
 
     def _padded(self, batch: pa.Table, ids_col: str, labels_col: str):
         """Right-padded ``(input_ids, attention_mask, labels)`` tensors of two list columns, on the device."""
@@ -77,7 +85,14 @@ class RouterScorer:
         if "response_labels" in batch.column_names:
             response = self._padded(batch, "input_ids", "response_labels")[2]
         stats = score_batch(
-            self.model, input_ids, attention_mask, labels, scope=self.scope, response_labels=response
+            self.model,
+            input_ids,
+            attention_mask,
+            labels,
+            scope=self.scope,
+            response_labels=response,
+            hidden=self.hidden,
+            hidden_projection=self.projection,
         )
         n = batch.num_rows
         ifd = np.full(n, np.nan, np.float32)
@@ -86,41 +101,30 @@ class RouterScorer:
             ifd = stats["response_nll"] / answer_only_nll(
                 self.model, *self._padded(batch, "answer_input_ids", "answer_labels")
             )
-        return pa.table(
-            {
-                "id": batch.column("id"),
-                "dataset": batch.column("dataset"),
-                "n_tokens": pc.cast(batch.column("n_tokens"), pa.int32()),
-                "truncated": batch.column("truncated"),
-                "full_tokens": pc.cast(batch.column("full_tokens"), pa.int32()),
-                SHARD_COLUMN: batch.column(SHARD_COLUMN),
-                "quality": pa.array(stats["quality"].astype(np.float32)),
-                "response_nll": pa.array(stats["response_nll"].astype(np.float32)),
-                "sample_nll": pa.array(stats["sample_nll"].astype(np.float32)),
-                "ifd": pa.array(ifd.astype(np.float32)),
-                "quality_layers": pa.FixedSizeListArray.from_arrays(
-                    pa.array(stats["quality_layers"].astype(np.float32).reshape(-1)), self.num_layers
-                ),
-                "routing": pa.FixedSizeListArray.from_arrays(
-                    pa.array(stats["routing"].reshape(n, -1).astype(np.float16).reshape(-1), pa.float16()),
-                    self.num_layers * self.num_experts,
-                ),
-            }
-        )
+        columns = {
+            "id": batch.column("id"),
+            "dataset": batch.column("dataset"),
+            "n_tokens": pc.cast(batch.column("n_tokens"), pa.int32()),
+            "truncated": batch.column("truncated"),
+            "full_tokens": pc.cast(batch.column("full_tokens"), pa.int32()),
+            SHARD_COLUMN: batch.column(SHARD_COLUMN),
+            "response_nll": pa.array(stats["response_nll"].astype(np.float32)),
+            "sample_nll": pa.array(stats["sample_nll"].astype(np.float32)),
+            "ifd": pa.array(ifd.astype(np.float32)),
+        }
+        for name in TEXT_COLUMNS:  # computed by the encode tasks (scoring/text_signals.py)
+            if name in batch.column_names:
+                columns[name] = batch.column(name)
+        if "quality" in stats:  # a Select-MoE's gate; no column at all for a model without one
+            columns["quality"] = pa.array(stats["quality"].astype(np.float32))
+            columns["quality_layers"] = _fixed(stats["quality_layers"].astype(np.float32), pa.float32())
+        if "routing" in stats:
+            columns["routing"] = _fixed(stats["routing"].reshape(n, -1).astype(np.float16), pa.float16())
+        if "hidden" in stats:
+            columns["hidden"] = _fixed(stats["hidden"].astype(np.float16), pa.float16())
+        return pa.table(columns)
 
 
-def model_shape(config) -> tuple[int, int]:
-    layers = int(config.num_hidden_layers)
-    experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
-    return layers, experts
-
-
-def model_shape_of(model_dir: str) -> tuple[int, int]:
-    """``(layers, experts)`` of a selector artefact or model dir, from its config only (no weights)."""
-    from transformers import AutoConfig
-
-    import selectmoe.model  # noqa: F401  (registers the Select-MoE Auto classes)
-    from selectmoe.model.artifact import selector_model_dir
-    from selectmoe.storage import local_copy
-
-    return model_shape(AutoConfig.from_pretrained(local_copy(selector_model_dir(model_dir))))
+def _fixed(values: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
+    """``[B, K]`` numpy -> Arrow ``fixed_size_list<type>[K]``."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type_), values.shape[1])

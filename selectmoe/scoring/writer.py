@@ -13,11 +13,10 @@ after ``n`` shards were completed (a killed job).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -41,10 +40,12 @@ def consume_shards(
     inputs: Mapping[str, Mapping[str, Any]],
     model_fp: str,
     *,
+    make_writer: Callable[[str], RouterDataWriter],
     stop_after: int = 0,
 ) -> Iterator[tuple[str, int, int]]:
-    """Drive the dataset: route rows to per-shard writers, drop rows a retried task delivered twice, close
-    and verify each shard as its last row arrives. Yields ``(shard, rows, tokens)`` per finished shard."""
+    """Drive the dataset: route rows to per-shard writers (``make_writer(shard)``: the schema the scorer
+    yields), drop rows a retried task delivered twice, close and verify each shard as its last row arrives.
+    Yields ``(shard, rows, tokens)`` per finished shard."""
     writers: dict[str, RouterDataWriter] = {}
     seen: dict[str, set[str]] = {}
     tokens: dict[str, int] = {}
@@ -69,10 +70,8 @@ def consume_shards(
                 ids_seen.update(sub.column("id").to_pylist())
                 writer = writers.get(name)
                 if writer is None:
-                    num_layers = sub.schema.field("quality_layers").type.list_size
-                    num_experts = sub.schema.field("routing").type.list_size // num_layers
-                    writer = writers[name] = RouterDataWriter(out_dir, name, num_layers, num_experts)
-                writer.write_batch(_columns(sub, writer.num_layers, writer.num_layers * writer.num_experts))
+                    writer = writers[name] = make_writer(name)
+                writer.write_batch(_columns(sub))
                 tokens[name] = tokens.get(name, 0) + int(pc.sum(sub.column("n_tokens")).as_py() or 0)
                 if writer.rows >= inputs[name]["rows"]:
                     writers.pop(name).close()
@@ -92,20 +91,21 @@ def consume_shards(
             writer.abort()
 
 
-def _columns(table: pa.Table, num_layers: int, width: int) -> dict[str, Any]:
+def _columns(table: pa.Table) -> dict[str, Any]:
+    """The scorer's pyarrow batch as the writer's columns (fixed-size lists as ``[B, K]`` numpy)."""
     n = table.num_rows
-
-    def fixed(col: str, k: int) -> np.ndarray:
-        arr = table.column(col).combine_chunks()
-        return arr.flatten().to_numpy(zero_copy_only=False).reshape(n, k)
-
-    return {
+    out: dict[str, Any] = {
         "id": table.column("id").to_pylist(),
         "dataset": table.column("dataset").to_pylist(),
-        "n_tokens": table.column("n_tokens").to_numpy(),
         "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
-        "full_tokens": table.column("full_tokens").to_numpy(),
-        **{c: table.column(c).to_numpy() for c in ("quality", "response_nll", "sample_nll", "ifd")},
-        "quality_layers": fixed("quality_layers", num_layers),
-        "routing": fixed("routing", width),
     }
+    for col in table.column_names:
+        if col in out or col == SHARD_COLUMN:
+            continue
+        field = table.schema.field(col)
+        if pa.types.is_fixed_size_list(field.type):
+            arr = table.column(col).combine_chunks()
+            out[col] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, field.type.list_size)
+        else:
+            out[col] = table.column(col).to_numpy()
+    return out

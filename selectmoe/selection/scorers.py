@@ -32,14 +32,42 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-SCORERS = ("gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min")
+SCORERS = (
+    "gate", "response_nll", "sample_nll", "ifd", "rep_ratio", "char_rep_ratio", "copy_ratio",
+    "answer_tokens", "gate_ppl_rank", "nll_ifd_min", "nll_ifd_text",
+)  # fmt: skip
 # combinations: name -> (scorers combined, how)
 _COMBINED = {
     "gate_ppl_rank": (("gate", "response_nll"), "mean"),
     "nll_ifd_min": (("response_nll", "ifd"), "min"),
+    "nll_ifd_text": (("response_nll", "ifd"), "min"),  # + TEXT_FLAGS
 }
-_COLUMN = {"gate": "quality", "response_nll": "response_nll", "sample_nll": "sample_nll", "ifd": "ifd"}
-_SIGN = {"gate": 1.0, "response_nll": -1.0, "sample_nll": -1.0, "ifd": -1.0}
+_COLUMN = {
+    "gate": "quality", "response_nll": "response_nll", "sample_nll": "sample_nll", "ifd": "ifd",
+    "rep_ratio": "rep_ratio", "char_rep_ratio": "char_rep_ratio", "copy_ratio": "copy_ratio",
+    "answer_tokens": "answer_tokens",
+}  # fmt: skip
+_SIGN = {
+    "gate": 1.0, "response_nll": -1.0, "sample_nll": -1.0, "ifd": -1.0, "rep_ratio": -1.0,
+    "char_rep_ratio": -1.0, "copy_ratio": -1.0, "answer_tokens": 1.0,
+}  # fmt: skip
+# nll_ifd_text: a row whose answer text signal is above its threshold is flagged and ranks below every
+# unflagged row (so under any quality floor), whatever its perplexity says (benchmarks.md, real_model.py)
+TEXT_FLAGS = {"rep_ratio": 0.5, "char_rep_ratio": 0.5, "copy_ratio": 0.6}
+
+
+def text_flags(columns) -> np.ndarray:
+    """bool ``[N]``: rows whose answer repeats itself or copies the prompt (:data:`TEXT_FLAGS`); a column
+    the router data lacks (NaN) flags nothing."""
+    get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k, None)
+    flags = None
+    for col, limit in TEXT_FLAGS.items():
+        values = get(col)
+        if values is None:
+            continue
+        hit = np.nan_to_num(np.asarray(values, np.float64), nan=0.0) > limit
+        flags = hit if flags is None else flags | hit
+    return flags if flags is not None else np.zeros(len(get("response_nll")), bool)
 
 
 def check_scorer(name: str) -> str:
@@ -85,7 +113,10 @@ def scorer_values(
             ranks = np.stack([_norm_rank(scorer_values(columns, p)) for p in parts])
         else:
             ranks = np.stack([scorer_values(columns, p, groups=groups) for p in parts])
-        return ranks.mean(axis=0) if how == "mean" else ranks.min(axis=0)
+        combined = ranks.mean(axis=0) if how == "mean" else ranks.min(axis=0)
+        if name == "nll_ifd_text":
+            combined = combined - text_flags(columns).astype(np.float64)  # flagged: below every other row
+        return combined
     values = _worst_for_nan(_SIGN[name] * np.asarray(get(_COLUMN[name]), np.float64))
     if groups is None:
         return values
@@ -107,8 +138,12 @@ def rank_groups(columns, rank_within: str) -> list[str] | np.ndarray | None:
 
 def available_scorers(columns: Mapping[str, np.ndarray]) -> list[str]:
     """Scorers with at least one finite raw value (``ifd`` only when the score stage computed it)."""
-    get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k)
-    have = {n for n, c in _COLUMN.items() if np.isfinite(np.asarray(get(c), np.float64)).any()}
+    get = columns.get if isinstance(columns, Mapping) else lambda k: getattr(columns, k, None)
+    have = {
+        n
+        for n, c in _COLUMN.items()
+        if get(c) is not None and np.isfinite(np.asarray(get(c), np.float64)).any()
+    }
     return [n for n in SCORERS if n in have or (n in _COMBINED and set(_COMBINED[n][0]) <= have)]
 
 
@@ -138,4 +173,13 @@ def scorer_aucs(
     return out
 
 
-__all__ = ["SCORERS", "available_scorers", "check_scorer", "rank_groups", "scorer_aucs", "scorer_values"]
+__all__ = [
+    "SCORERS",
+    "TEXT_FLAGS",
+    "available_scorers",
+    "check_scorer",
+    "rank_groups",
+    "scorer_aucs",
+    "scorer_values",
+    "text_flags",
+]

@@ -10,9 +10,11 @@ replicas (:class:`selectmoe.scoring.scorer.RouterScorer`, THE scoring function
 Why one pipeline with a shard column: the model replicas are loaded once for the whole pool (a pipeline
 per shard would restart the actor pool, i.e. reload a 7B model, for every shard).
 
-Per sample, from ONE forward pass: the gate score + routing features and the base perplexity anchors
-(``response_nll`` over the assistant tokens, ``sample_nll`` over all); ``score.ifd=true`` adds a second,
-shorter pass of the answer alone for IFD. Memory: the NLL needs the full ``[batch_size, T, vocab]`` logits
+Per sample, from ONE forward pass: the gate score + routing features (a Select-MoE; routing only for
+another HF MoE; neither for a dense causal LM, :mod:`selectmoe.scoring.loading`), the pooled hidden state
+(``score.hidden``, forced on without routing) and the base perplexity anchors (``response_nll`` over the
+assistant tokens, ``sample_nll`` over all); ``score.ifd=true`` adds a second, shorter pass of the answer
+alone for IFD. The encode tasks add the answer's text signals (:mod:`selectmoe.scoring.text_signals`). Memory: the NLL needs the full ``[batch_size, T, vocab]`` logits
 (model dtype; each row is reduced in fp32), e.g. 32 x 1024 x 50k bf16 = 3.3 GB on OLMoE: lower
 ``score.batch_size`` if a replica runs out of memory.
 
@@ -41,8 +43,10 @@ from selectmoe import storage
 from selectmoe.config import ScoreConfig
 from selectmoe.data.truncation import TRUNCATION_COLUMNS, truncation_summary
 from selectmoe.manifest import read_manifest, write_manifest
-from selectmoe.router_data import SHARD_DIR, RouterDataWriter
+from selectmoe.router_data import SHARD_DIR, TEXT_COLUMNS, RouterDataWriter
 from selectmoe.scoring.dataset import build_score_dataset, read_encoding_spec
+from selectmoe.scoring.features import stored_hidden_dim
+from selectmoe.scoring.loading import scorer_info
 from selectmoe.scoring.records import (
     finish_shard,
     input_record,
@@ -52,7 +56,7 @@ from selectmoe.scoring.records import (
     shard_is_done,
     shard_name,
 )
-from selectmoe.scoring.scorer import CRASH_ONCE_ENV, RouterScorer, model_shape_of
+from selectmoe.scoring.scorer import CRASH_ONCE_ENV, RouterScorer
 from selectmoe.scoring.writer import STOP_AFTER_ENV, ScoreInterrupted, consume_shards
 from selectmoe.stages.contract import check_inputs
 
@@ -70,6 +74,7 @@ class ScoreResult:
     shards_scored: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)
     model_fingerprint: str = ""
+    scorer: dict[str, Any] = field(default_factory=dict)  # which model, which signals (scoring/loading.py)
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     truncation: dict[str, Any] = field(default_factory=dict)  # per dataset (data.truncation)
@@ -105,7 +110,38 @@ def run_score(
     init_ray()
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     encoding = read_encoding_spec(cfg.model_dir)
-    model_fp = model_fingerprint(str(cfg.model_dir), encoding, cfg.dtype, use_gpu, ifd=bool(cfg.ifd))
+    info = scorer_info(cfg.model_dir)
+    # a scorer without routing (a dense model) clusters on hidden states: store them whatever score.hidden
+    want_hidden = bool(cfg.hidden) or info["num_experts"] == 0
+    hidden_dim = stored_hidden_dim(info["hidden_size"], cfg.hidden_dim) if want_hidden else 0
+    if want_hidden and int(cfg.hidden_dim) < 1:
+        raise ValueError(f"score.hidden_dim must be >= 1, got {cfg.hidden_dim}")
+    info["signals"] = [
+        *info["signals"],
+        *(["ifd"] if cfg.ifd else []),
+        *TEXT_COLUMNS,
+        *(["routing"] if info["num_experts"] else []),
+        *(["hidden"] if hidden_dim else []),
+    ]
+    info["hidden_dim"] = hidden_dim
+    if not cfg.hidden and hidden_dim:
+        logger.info(
+            "score: %s has no routing; storing hidden-state features (dim %d)", cfg.model_dir, hidden_dim
+        )
+
+    def make_writer(name: str) -> RouterDataWriter:
+        return RouterDataWriter(
+            out_dir,
+            name,
+            info["num_layers"],
+            info["num_experts"],
+            gate=info["kind"] == "select_moe",
+            hidden_dim=hidden_dim,
+        )
+
+    model_fp = model_fingerprint(
+        str(cfg.model_dir), encoding, cfg.dtype, use_gpu, ifd=bool(cfg.ifd), hidden_dim=hidden_dim
+    )
     inputs = {name: input_record(p) for name, p in names.items()}
     skipped = [n for n in names if shard_is_done(out_dir, n, inputs[n], model_fp)]
     pending = [n for n in names if n not in set(skipped)]
@@ -115,8 +151,7 @@ def run_score(
     t_pipe = time.perf_counter()
     # Empty ingest shards never reach the pipeline: write their (empty) output directly.
     for name in [n for n in pending if inputs[n]["rows"] == 0]:
-        shape = model_shape_of(str(cfg.model_dir))
-        RouterDataWriter(out_dir, name, *shape).close()
+        make_writer(name).close()
         finish_shard(out_dir, name, names[name], inputs[name], model_fp)
         scored.append(name)
     work = [n for n in pending if inputs[n]["rows"] > 0]
@@ -129,11 +164,11 @@ def run_score(
             encoding=encoding,
             crash_once_marker=os.environ.get(CRASH_ONCE_ENV) or None,
             scorer_cls=scorer_cls,
-            scorer_kwargs=scorer_kwargs,
+            scorer_kwargs={"hidden_dim": hidden_dim, **dict(scorer_kwargs or {})},
         )
         logger.info("score: pipeline built, %d shards to score", len(work))
         for name, n_rows, n_tok in consume_shards(
-            ds, out_dir, names, inputs, model_fp, stop_after=stop_after
+            ds, out_dir, names, inputs, model_fp, make_writer=make_writer, stop_after=stop_after
         ):
             logger.info("score: shard %s done (%d rows) at %.1fs", name, n_rows, time.perf_counter() - t0)
             scored.append(name)
@@ -156,6 +191,7 @@ def run_score(
         shards_scored=sorted(scored),
         shards_skipped=sorted(skipped),
         model_fingerprint=model_fp,
+        scorer=info,
         tokens_per_s=tokens / pipe_s if tokens and pipe_s > 0 else 0.0,
         wall_s=time.perf_counter() - t0,
         truncation=truncation,
@@ -183,6 +219,7 @@ def run_score(
         wall_s=result.wall_s,
         extra={
             "model_fingerprint": model_fp,
+            "scorer": info,
             "encoding": encoding,
             "use_gpu": use_gpu,
             "truncation": truncation,

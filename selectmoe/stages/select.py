@@ -48,7 +48,14 @@ from selectmoe.cluster.stream import assign_pool, fit_sample_index, read_sample,
 from selectmoe.cluster.sweep import k_values, sweep_k
 from selectmoe.config import SelectConfig
 from selectmoe.manifest import fingerprint, read_manifest, write_manifest
-from selectmoe.router_data import NLL_COLUMNS, feature_widths, read_columns, router_shape, shard_paths
+from selectmoe.router_data import (
+    NLL_COLUMNS,
+    TEXT_COLUMNS,
+    feature_widths,
+    read_columns,
+    router_shape,
+    shard_paths,
+)
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy, id_ranks
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
 from selectmoe.selection.targeted import TARGETED, targeted_round_robin
@@ -116,14 +123,16 @@ class _Pool:
 
 
 def _read_pool(shards: list[Path]) -> _Pool:
-    table = read_columns(shards, ["id", "dataset", "quality", *NLL_COLUMNS])
+    present = set(pq.read_schema(shards[0]).names)  # the gate and text signals are optional columns
+    score_columns = [c for c in ("quality", *NLL_COLUMNS, *TEXT_COLUMNS) if c in present]
+    table = read_columns(shards, ["id", "dataset", *score_columns])
     ds = pc.dictionary_encode(table.column("dataset")).combine_chunks()
     rows = shard_row_counts(shards)
     return _Pool(
         ids=table.column("id").combine_chunks(),
         dataset_codes=ds.indices.to_numpy().astype(np.int32),
         dataset_names=ds.dictionary.to_pylist(),
-        scores={c: table.column(c).to_numpy().astype(np.float32) for c in ("quality", *NLL_COLUMNS)},
+        scores={c: table.column(c).to_numpy().astype(np.float32) for c in score_columns},
         shard_of=np.repeat(np.arange(len(shards), dtype=np.int32), rows),
         rows_per_shard=rows,
     )
