@@ -183,7 +183,7 @@ class RouterData:
     sample_nll: np.ndarray  # float32 [N], mean NLL of the whole sample
     ifd: np.ndarray  # float32 [N], L(A|Q)/L(A) (NaN unless score.ifd)
     quality_layers: np.ndarray | None  # float32 [N, L]
-    routing: np.ndarray | None  # float16 [N, L*E] (load_router_data(..., routing=True); None: a dense scorer)
+    routing: np.ndarray | None  # float16 [N, L*E] (load_router_data(..., features=True); None: a dense scorer)
     n_tokens: np.ndarray  # int32 [N]
     truncated: np.ndarray  # bool [N]
     num_layers: int
@@ -219,8 +219,8 @@ def read_columns(shards: Sequence[Path], columns: Sequence[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(p, columns=list(columns)) for p in shards])
 
 
-def load_router_data(directory: str | os.PathLike, *, routing: bool = False) -> RouterData:
-    """The small columns as numpy/lists; ``routing=True`` also reads the float16 feature matrices
+def load_router_data(directory: str | os.PathLike, *, features: bool = False) -> RouterData:
+    """The small columns as numpy/lists; ``features=True`` also reads the float16 feature matrices
     (``routing``, ``hidden``) into memory (small pools only: selection streams them instead)."""
     shards = shard_paths(directory)
     if not shards:
@@ -239,7 +239,7 @@ def load_router_data(directory: str | os.PathLike, *, routing: bool = False) -> 
         ).astype(np.float32, copy=False)
 
     def matrix(column: str, width: int) -> np.ndarray | None:
-        if not (routing and width):
+        if not (features and width):
             return None
         blocks = [b for _, b in iter_feature_blocks(shards, column)]
         return np.concatenate(blocks) if blocks else np.zeros((0, width), np.float16)

@@ -31,7 +31,7 @@ def _write(directory, name, ids, layers=2, experts=3, seed=0):
 def test_round_trip(tmp_path):
     r1 = _write(tmp_path, "00000-a", ["a0", "a1", "a2"], seed=1)
     r2 = _write(tmp_path, "00001-b", ["b0", "b1"], seed=2)
-    data = load_router_data(tmp_path, routing=True)
+    data = load_router_data(tmp_path, features=True)
     assert data.ids == ["a0", "a1", "a2", "b0", "b1"]
     assert data.routing.dtype == np.float16
     expected = np.concatenate([r1, r2]).reshape(5, -1).astype(np.float16)

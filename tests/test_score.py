@@ -235,7 +235,7 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
 
     # exact coverage: one output shard per ingest shard, ids == ingest ids, no duplicates, no gaps
     ingest_ids = _ingest_ids(Path(cfg.ingest_dir))
-    data = load_router_data(out, routing=True)
+    data = load_router_data(out, features=True)
     assert len(data) == len(ingest_ids) == artefact["n_valid"]
     assert len(set(data.ids)) == len(data.ids) and set(data.ids) == set(ingest_ids)
     assert [p.name for p in data.shards] == [p.name for p in list_shards(cfg.ingest_dir)]
@@ -304,7 +304,7 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
     after = _mtimes(out)
     changed = {k for k in after if after[k] != before.get(k)}
     assert changed == {victim.name, victim.name.removesuffix(".parquet") + ".done.json"}
-    data3 = load_router_data(out, routing=True)
+    data3 = load_router_data(out, features=True)
     assert len(data3.ids) == len(set(data3.ids)) and sorted(data3.ids) == sorted(ingest_ids)
 
 

@@ -221,7 +221,7 @@ def test_run_ingest_score_select_with_a_dense_model(tok, tmp_path, ray_local):
         and "quality_layers" not in schema.names
     )
     assert schema.field("hidden").type.list_size == 128 and schema.metadata[b"selectmoe.hidden_dim"] == b"128"
-    data = load_router_data(out / "router_data")
+    data = load_router_data(out / "router_data", features=True)
     assert data.quality is None and data.routing is None and data.hidden.shape == (30, 128)
     np.testing.assert_allclose(np.linalg.norm(data.hidden.astype(np.float32), axis=1), 1.0, atol=2e-3)
     rep = dict(zip(data.ids, data.rep_ratio.tolist()))
@@ -260,7 +260,7 @@ def test_router_data_without_gate_or_routing_round_trips_and_the_report_names_th
     write_manifest(
         router, stage="score", config={}, extra={"scorer": {**info, "signals": ["response_nll", "hidden"]}}
     )
-    data = load_router_data(router)
+    data = load_router_data(router, features=True)
     assert data.quality is None and data.quality_layers is None and data.routing is None
     np.testing.assert_array_equal(np.asarray(data.hidden, np.float32), hidden)
     np.testing.assert_array_equal(data.rep_ratio, np.float32([0.0, 0.9, 0.1]))

@@ -99,7 +99,7 @@ def test_answer_pass_runs_sorted_groups_and_restores_order(tiny, monkeypatch):
         handle.remove()
     groups = sm.length_groups(lengths)
     assert [tuple(w) for w in widths] == [(len(g), max(lengths[k] for k in g)) for g in groups]
-    assert [tuple(w) for w in widths] == [(8, 6), (8, 39), (4, 41)]  # 8 short answers pad to 6, not 41
+    assert [tuple(w) for w in widths] == [(8, 7), (8, 39), (4, 41)]  # 8 short answers pad to 7, not 41
     alone = np.array([
         mean_token_nll(tiny(input_ids=ids[i : i + 1, :n], attention_mask=mask[i : i + 1, :n]).logits.detach(),
                        labels[i : i + 1, :n])[0]
