@@ -183,7 +183,9 @@ class RouterData:
     sample_nll: np.ndarray  # float32 [N], mean NLL of the whole sample
     ifd: np.ndarray  # float32 [N], L(A|Q)/L(A) (NaN unless score.ifd)
     quality_layers: np.ndarray | None  # float32 [N, L]
-    routing: np.ndarray | None  # float16 [N, L*E] (load_router_data(..., features=True); None: a dense scorer)
+    routing: (
+        np.ndarray | None
+    )  # float16 [N, L*E] (load_router_data(..., features=True); None: a dense scorer)
     n_tokens: np.ndarray  # int32 [N]
     truncated: np.ndarray  # bool [N]
     num_layers: int
