@@ -121,8 +121,8 @@ def test_warmup_two_workers_reproduces_its_probe(ray_local, assets, tmp_path):
     """2 DDP workers, 51 steps of ``gates_only``: a reproducible run, its probe AUC before and after pinned.
 
     Bit-reproducible on every x86 CPU with AVX2: the fixture's base pre-training and the Ray Train workers
-    run deterministic kernels, fixed thread counts and one kernel level (``selectmoe.cpu_isa``). What it
-    does NOT show is that warmup reliably raises the probe at this scale: before the kernel level was
+    run deterministic kernels, fixed thread counts and one kernel level (``selectmoe.cpu_isa``): 0.4914 ->
+    0.4994 there. What it does NOT show is that warmup raises the probe at this scale: before the level was
     pinned, this exact run gave 0.4914 -> 0.5463 on one box, -> 0.4507 on an AVX-512/AMX box and -> 0.4295
     there with ATen at avx2 (issue 27): float rounding alone moves the AUC over 48 probe pairs by more
     than 51 gate steps do. (Earlier still, the base drifted between fixture builds and this test gave
@@ -143,7 +143,7 @@ def test_warmup_two_workers_reproduces_its_probe(ray_local, assets, tmp_path):
     before, after = res.probe["probe_auc_before"], res.probe["probe_auc"]
     # Zero-init gate weights: every token has the same g, so "before" is ~0.5 (ties broken by float
     # rounding of the token means). Pinned at the pinned kernel level (a reproducibility check, not a lift).
-    assert (before, after) == pytest.approx((0.4914, 0.5463), abs=1e-4)
+    assert (before, after) == pytest.approx((0.4914, 0.4994), abs=1e-4)
     assert set(res.probe["per_corruption"]) == {"shuffle_words", "swap_response", "truncate", "noise"}
     for key in ("lm_loss", "quality_loss", "tokens_per_s", "g_mean_l0"):
         assert key in res.metrics, key
