@@ -407,3 +407,20 @@ def test_response_and_sample_nll_equal_a_direct_hf_forward(artefact):
         assert got["ifd"][r["id"]] == pytest.approx(want_resp / want_answer, abs=1e-5)
     # a response (not the prompt) really is what response_nll measures: the two differ on every sample
     assert all(abs(got["response_nll"][i] - got["sample_nll"][i]) > 1e-3 for i in got["id"])
+
+
+def test_cpu_replica_plan_never_asks_for_more_than_the_cluster_has():
+    """Issue 25: score on a 1-CPU `ray start --head` sat forever in `backpressured:tasks(ResourceBudget)` (the
+    replica held the CPU a read task needs); 8 replicas on 2 CPUs did the same. Now: fitted or refused."""
+    from selectmoe.scoring.dataset import cpu_replica_plan
+
+    assert cpu_replica_plan(2.0, 1) == (1, 1.0, [])  # today's plan where it fits: unchanged
+    assert cpu_replica_plan(2.0, 2) == (2, 0.5, [])
+    assert cpu_replica_plan(2.0, 8) == (
+        4,
+        0.25,
+        ["score.num_replicas=8: the Ray cluster has 2 CPU(s); running 4 replicas"],
+    )
+    assert cpu_replica_plan(16.0, 4) == (4, 1.0, [])
+    with pytest.raises(ValueError, match=r"^score.num_replicas: the Ray cluster has 1 CPU\(s\); CPU scoring"):
+        cpu_replica_plan(1.0, 1)

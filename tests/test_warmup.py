@@ -44,7 +44,7 @@ def assets(tmp_path_factory):
 
 
 # the LoRA run's logged loss at steps 2, 4, 6 (seeded, deterministic CPU kernels at the pinned level)
-PINNED_WARMUP_LOSSES = [2.58025, 3.0417, 1.99898]
+PINNED_WARMUP_LOSSES = [2.53571, 3.03803, 2.02722]  # under the pinned CPU level (selectmoe.cpu_isa)
 
 
 def _cfg(assets, out: Path, **kw):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from selectmoe.scoring.model import assistant_only, response_spec
 from selectmoe.scoring.records import shard_name
 from selectmoe.scoring.scorer import SHARD_COLUMN, RouterScorer
 from selectmoe.scoring.text_signals import text_signals
+
+logger = logging.getLogger(__name__)
 
 _PASS_COLUMNS = (
     "id", "dataset", "n_tokens", "truncated", "full_tokens", "input_ids", "labels", "response_labels",
@@ -90,23 +93,55 @@ def encode_and_bucket(
     yield from bucket_by_length(encoded, batch_size=batch_size)
 
 
-def replica_resources(cfg: ScoreConfig, use_gpu: bool) -> tuple[dict[str, Any], dict[str, Any], int | None]:
-    """(scorer remote args, encoder-task remote args, scorer torch threads)."""
+# A CPU replica's smallest share of a CPU: the read/encode tasks need one whole CPU beside the replicas.
+MIN_CPU_PER_REPLICA = 0.25
+
+
+def cpu_replica_plan(cpus: float, requested: int) -> tuple[int, float, list[str]]:
+    """``(replicas, num_cpus each, notices)`` for CPU scoring on a cluster of ``cpus`` CPUs.
+
+    Never a hang: Ray Data's read tasks take one CPU, so replicas may hold at most ``cpus - 1`` of them;
+    more replicas than fit at :data:`MIN_CPU_PER_REPLICA` each run as fewer (a one-line notice naming
+    the key), and a cluster without that spare CPU is refused in one line (it would wait forever with
+    ``backpressured:tasks(ResourceBudget)``)."""
+    requested = max(1, int(requested))
+    spare = cpus - 1.0
+    if spare < MIN_CPU_PER_REPLICA:
+        raise ValueError(
+            f"score.num_replicas: the Ray cluster has {cpus:g} CPU(s); CPU scoring needs at least "
+            f"{1 + MIN_CPU_PER_REPLICA:g} (one for reading and encoding, the rest for the model replicas)"
+        )
+    fits = max(1, int(spare / MIN_CPU_PER_REPLICA + 1e-9))
+    notices = []
+    if requested > fits:
+        notices.append(
+            f"score.num_replicas={requested}: the Ray cluster has {cpus:g} CPU(s); running {fits} replicas"
+        )
+    replicas = min(requested, fits)
+    return replicas, max(MIN_CPU_PER_REPLICA, min(1.0, spare / replicas)), notices
+
+
+def replica_resources(
+    cfg: ScoreConfig, use_gpu: bool
+) -> tuple[dict[str, Any], dict[str, Any], int | None, int]:
+    """(scorer remote args, encoder-task remote args, scorer torch threads, replicas)."""
     from selectmoe.ray_utils import cluster_cpus
 
     cpus = cluster_cpus()
-    concurrency = max(1, cfg.num_replicas)
     encode_args = {"num_cpus": 0.5}
     if use_gpu:
-        return {"num_gpus": float(cfg.num_gpus_per_replica), "num_cpus": 1}, encode_args, None
+        replicas = max(1, cfg.num_replicas)
+        return {"num_gpus": float(cfg.num_gpus_per_replica), "num_cpus": 1}, encode_args, None, replicas
     # CPU replicas: leave a CPU for the read/encode tasks or the pipeline starves. The replicas' num_cpus
     # must differ from the encode tasks' (0.5): Ray Data fuses a task map into the next actor map when
     # their remote args are equal, which would put tokenisation back on the model actors.
-    per_replica = max(0.25, min(1.0, (cpus - 1) / concurrency))
+    replicas, per_replica, notices = cpu_replica_plan(cpus, cfg.num_replicas)
+    for line in notices:
+        logger.warning(line)
     if per_replica == encode_args["num_cpus"]:
         per_replica = 0.45
-    threads = max(1, int((cpus - 1) // concurrency)) if cpus > 2 else 1
-    return {"num_cpus": per_replica}, encode_args, threads
+    threads = max(1, int((cpus - 1) // replicas)) if cpus > 2 else 1
+    return {"num_cpus": per_replica}, encode_args, threads, replicas
 
 
 def build_score_dataset(
@@ -133,7 +168,7 @@ def build_score_dataset(
         for p in shards
     ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    scorer_args, encode_args, threads = replica_resources(cfg, use_gpu)
+    scorer_args, encode_args, threads, replicas = replica_resources(cfg, use_gpu)
     ds = ds.map_batches(
         functools.partial(
             encode_and_bucket,
@@ -168,6 +203,6 @@ def build_score_dataset(
         batch_size=int(cfg.batch_size),
         # Ray Data's actor pools default to max_restarts=-1 / max_task_retries=-1: a killed replica is
         # restarted and its in-flight batches are retried (tests/test_score.py kills one).
-        compute=ActorPoolStrategy(size=max(1, cfg.num_replicas)),
+        compute=ActorPoolStrategy(size=replicas),
         **scorer_args,
     )
