@@ -106,7 +106,7 @@ def test_probe_uses_the_scoring_definition(selector_dir):
     cols = score_messages_all(model, enc, [it["messages"] for it in items])
     clean = np.array([it["kind"] == "clean" for it in items])
     assert set(result["scorers"]) == {
-        "gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min",
+        "gate", "response_nll", "sample_nll", "ifd", "gate_ppl_rank", "nll_ifd_min", "nll_ifd_text",
     }  # fmt: skip
     assert result["probe_auc"] == result["scorers"]["gate"]["overall"]
     assert result["probe_auc"] == pytest.approx(roc_auc_score(clean, cols["quality"]))

@@ -75,9 +75,9 @@ def test_demo_on_s3_from_two_nodes_matches_one_node_on_local_disk(s3_server, tmp
     assert shared["runs"][0] == dict.fromkeys(planned, "ran")
     assert shared["runs"][1] == dict.fromkeys(planned, "skipped")  # everything found complete on S3
     assert shared["node_ips"] == ["127.0.0.1"] and len(shared["cluster_nodes"]) == 2
-    # Train workers, score replicas (Ray Data's actor pool: `_MapWorker`s, the only one in these stages) and
-    # sweep actors: each kind on both nodes.
-    for kind in ("RayTrainWorker", "_MapWorker", "_SweepWorker"):
+    # Train workers, score replicas (Ray Data's actor pool: `MapWorker(MapBatches(RouterScorer))`) and sweep
+    # actors: each kind on both nodes.
+    for kind in ("RayTrainWorker", "MapWorker(MapBatches(RouterScorer))", "_SweepWorker"):
         nodes = {n for cls, ids in shared["actor_nodes"].items() if kind in cls for n in ids}
         assert len(nodes) == 2, (kind, shared["actor_nodes"])
     # Nothing of the run on local disk: no `s3:` directory, every output under the bucket.
