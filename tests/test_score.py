@@ -9,28 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny_words import WORDS
 
 from selectmoe.config import ScoreConfig
 from selectmoe.router_data import load_router_data
 
 MAX_LENGTH = 40  # small, so some samples get truncated (flagged, never dropped)
-WORDS = [
-    "the",
-    "a",
-    "model",
-    "data",
-    "router",
-    "expert",
-    "token",
-    "gate",
-    "quality",
-    "score",
-    "sample",
-    "answer",
-    "question",
-    "why",
-    "how",
-]
 
 
 def _record(i: int, rng: np.random.Generator, prefix: str) -> dict:

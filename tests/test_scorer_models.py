@@ -8,24 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-WORDS = [
-    "the",
-    "a",
-    "model",
-    "data",
-    "router",
-    "expert",
-    "token",
-    "gate",
-    "quality",
-    "score",
-    "sample",
-    "answer",
-    "question",
-    "why",
-    "how",
-]
+from tiny_words import WORDS
 
 
 @pytest.fixture(scope="module")

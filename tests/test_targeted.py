@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny_words import WORDS
 
 from selectmoe.selection.similarity import pool_similarity, unit_rows
 from selectmoe.selection.targeted import best_similarity, targeted_round_robin
@@ -184,23 +185,7 @@ def test_select_with_targets_end_to_end(tmp_path, ray_local):
     from selectmoe.stages.select import run_select
 
     rng = np.random.default_rng(0)
-    words = [
-        "the",
-        "a",
-        "model",
-        "data",
-        "router",
-        "expert",
-        "token",
-        "gate",
-        "quality",
-        "score",
-        "sample",
-        "answer",
-        "question",
-        "why",
-        "how",
-    ]
+    words = WORDS
     rows = [
         {
             "dataset": "ds",
