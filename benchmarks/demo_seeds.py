@@ -3,7 +3,8 @@
 Each seed is a whole ``selectmoe demo`` with ``seed=<s>`` in ``OUT/seeds/seed_<s>/``: its own pool,
 pre-trained selector base and target, eval questions, selection and finetunes (a seed that only reran
 select and finetune on one build would measure one pool's luck, not the method). ``--full-pool`` adds the
-arm trained on every ingested row at the same settings (about 10x the steps of a 10% selection). Prints
+arm trained on every ingested row for the same number of steps as the selected arm (``epochs`` x the
+selection share, at least one epoch: 1 epoch of the pool against 10 of a 10% selection). Prints
 each arm's accuracy per seed and ``selected - arm`` per question with its 95% interval, pooled over the
 seeds and ``OUT``'s own run; ``selectmoe report demo output_dir=OUT`` puts the same on the report's first
 screen. A finished seed is not rerun (every stage's manifest matches).
@@ -47,7 +48,11 @@ def run_seed(out: Path, seed: int, *, full_pool: bool, extra: list[str]) -> Path
         cfg = load_config("demo", overrides)
         run_pipeline(cfg, only=list(PRE_FINETUNE))
         write_full_pool(cfg.data.ingest_dir, run / "full_pool.jsonl")
-        overrides.append(f"finetune.train_files.full_pool={run}/full_pool.jsonl")
+        epochs = max(1, round(cfg.finetune.epochs * cfg.select.selection_percentage))
+        overrides += [
+            f"finetune.train_files.full_pool={run}/full_pool.jsonl",
+            f"finetune.epochs_by_run.full_pool={epochs}",
+        ]
     run_pipeline(load_config("demo", overrides))
     return run
 

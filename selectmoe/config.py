@@ -214,6 +214,8 @@ class FinetuneConfig(TrainingConfig):
     base_model: str = MISSING  # HF causal LM directory
     # run name -> selection file; one adapter per entry (e.g. selected vs random)
     train_files: dict[str, str] = field(default_factory=dict)
+    # run name -> epochs for that run instead of ``epochs`` (a full-pool arm at the selected arm's step count)
+    epochs_by_run: dict[str, int] = field(default_factory=dict)
     lora_r: int = 128
     lora_alpha: int = 512
     lora_dropout: float = 0.1

@@ -189,6 +189,21 @@ def test_batch_arithmetic_is_exact():
         check_batch_arithmetic(FinetuneConfig(batch_size=128, micro_batch_size=3, num_workers=1), 1000)
 
 
+def test_epochs_by_run_applies_to_its_run_only(tmp_path):
+    from selectmoe.stages.finetune import _run_name, run_config
+
+    files = {"selected": "sel.jsonl", "full_pool": "pool.jsonl"}
+    cfg = FinetuneConfig(train_files=files, epochs=10, epochs_by_run={"full_pool": 1})
+    assert (run_config(cfg, "selected").epochs, run_config(cfg, "full_pool").epochs) == (10, 1)
+    # the override is not part of the other runs' identity: adding it reruns nothing else
+    plain = FinetuneConfig(train_files=files, epochs=10)
+    named = [_run_name(run_config(c, "selected"), "selected", "sel.jsonl", False) for c in (cfg, plain)]
+    assert named[0] == named[1]
+    typo = FinetuneConfig(train_files=files, epochs_by_run={"full": 1}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"finetune\.epochs_by_run\.full: no such run"):
+        run_finetune(typo)
+
+
 def test_missing_selection_file_is_an_error(tmp_path):
     cfg = FinetuneConfig(train_files={"sel": str(tmp_path / "nope.jsonl")}, output_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):

@@ -28,6 +28,7 @@ The tokenizer saved beside the adapter carries the added pad token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -367,6 +368,12 @@ def finetune_one(cfg: FinetuneConfig, name: str, path: str, *, use_gpu: bool) ->
     return run
 
 
+def run_config(cfg: FinetuneConfig, name: str) -> FinetuneConfig:
+    """The settings of run ``name``: ``epochs_by_run`` applied, and dropped, so that one run's override
+    does not enter (and change) the identity of the others."""
+    return dataclasses.replace(cfg, epochs=cfg.epochs_by_run.get(name, cfg.epochs), epochs_by_run={})
+
+
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """One LoRA adapter per ``cfg.train_files`` entry (sequential runs; each may use several workers)."""
     from selectmoe.ray_utils import resolve_use_gpu
@@ -374,11 +381,15 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     t0 = time.perf_counter()
     if not cfg.train_files:
         raise ValueError("finetune.train_files is empty: nothing to fine-tune")
+    unknown = sorted(set(cfg.epochs_by_run) - set(cfg.train_files))
+    if unknown:
+        raise ValueError(f"finetune.epochs_by_run.{unknown[0]}: no such run in finetune.train_files")
     check_inputs("finetune", cfg)
     grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, cfg.num_workers)  # fail before any run starts
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     runs = {
-        name: finetune_one(cfg, name, str(path), use_gpu=use_gpu) for name, path in cfg.train_files.items()
+        name: finetune_one(run_config(cfg, name), name, str(path), use_gpu=use_gpu)
+        for name, path in cfg.train_files.items()
     }
     wall = time.perf_counter() - t0
     write_manifest(
