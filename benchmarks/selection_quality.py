@@ -23,7 +23,8 @@ from selectmoe.report import demo_figures
 from selectmoe.selection.scorers import available_scorers
 from selectmoe.stages.select import run_select
 
-POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k")
+POLICIES = ("quality_sample", "quality_round_robin", "round_robin", "proportional", "top_k")
+FLOOR_POLICIES = ("quality_sample", "quality_round_robin")
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
         for within in args.rank_within:
             for score in scorers:
                 for policy in POLICIES:
-                    for floor in args.floors if policy == "quality_round_robin" else [None]:
+                    for floor in args.floors if policy in FLOOR_POLICIES else [None]:
                         out = Path(tmp) / f"{within}-{score}-{policy}-{floor}"
                         sel = dataclasses.replace(
                             cfg.select, output_dir=str(out), k=k, score=score, policy=policy, plots=False,

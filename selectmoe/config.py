@@ -173,11 +173,13 @@ class SelectConfig:
     # need score.ifd=true). nll_ifd_text = nll_ifd_min with answers that repeat themselves or copy the prompt
     # (scorers.TEXT_FLAGS) ranked last: a real pretrained model finds them easy (benchmarks.md, real model)
     score: str = "nll_ifd_text"
-    # quality_round_robin: best `quality_floor` share of the pool by score, then round-robin over clusters
-    # (plain round_robin gives clusters of bad rows the same quota) | round_robin | proportional | top_k | random
-    # | targeted: inside the same quality floor, round-robin over the target tasks by similarity (`target`)
-    policy: str = "quality_round_robin"
-    quality_floor: float = 0.5  # share of the pool eligible for quality_round_robin (>= selection_percentage)
+    # quality_sample: best `quality_floor` share of the pool by score, then a seeded sample of it round-robin
+    # over clusters (plain round_robin gives clusters of bad rows the same quota; best-first inside the floor
+    # takes the rows the model already knows) | quality_round_robin: the same floor, each cluster's best
+    # first | round_robin | proportional | top_k | random | targeted: inside the same quality floor,
+    # round-robin over the target tasks by similarity (`target`)
+    policy: str = "quality_sample"
+    quality_floor: float = 0.5  # share of the pool eligible for the floor policies (>= selection_percentage)
     # dataset: rank each row's score among the rows of its own `dataset` (sources differ in how predictable
     # a good answer is; a pool-wide scale cuts whole sources) | pool: one pool-wide ranking (the seed's)
     rank_within: str = "dataset"
@@ -295,7 +297,15 @@ class PipelineConfig:
 # Every choice field and its allowed values: the one table _validate checks.
 _STRATEGIES = ("ddp", "fsdp")
 _LABEL_MODES = ("full_sequence", "full_sequence_mask_tags", "assistant_only")
-_POLICIES = ("quality_round_robin", "round_robin", "proportional", "top_k", "random", "targeted")
+_POLICIES = (
+    "quality_sample",
+    "quality_round_robin",
+    "round_robin",
+    "proportional",
+    "top_k",
+    "random",
+    "targeted",
+)
 _SCORERS = (  # selection/scorers.py SCORERS (config stays free of heavy imports)
     *("gate", "response_nll", "sample_nll", "ifd", "rep_ratio", "char_rep_ratio", "copy_ratio"),
     *("answer_tokens", "gate_ppl_rank", "nll_ifd_min", "nll_ifd_text"),

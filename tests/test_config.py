@@ -97,7 +97,7 @@ def test_select_score_and_policy_validated_and_seed_preset():
     assert (gate.score, gate.policy, gate.rank_within) == ("gate", "round_robin", "pool")
     default = load_config("demo", ["output_dir=/tmp/run"]).select
     assert (default.score, default.policy, default.rank_within) == (
-        "nll_ifd_text", "quality_round_robin", "dataset",
+        "nll_ifd_text", "quality_sample", "dataset",
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"select\.score=.ppl. is not one of"):
         load_config("demo", ["output_dir=/tmp/run", "select.score=ppl"])

@@ -6,9 +6,9 @@ import json
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pool_shards import chat, write_pool_shard
 
 from selectmoe.config import SelectConfig
 from selectmoe.router_data import RouterDataWriter
@@ -16,10 +16,6 @@ from selectmoe.stages.select import run_select
 
 L, E = 4, 8
 DATASETS = ["alpha", "beta", "gamma", "delta"]
-
-
-def _msgs(i):
-    return [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]
 
 
 def make_pool(tmp_path, *, n_per_shard=150, shards=3, hidden_dim=0, routing=True, seed=7):
@@ -57,19 +53,7 @@ def make_pool(tmp_path, *, n_per_shard=150, shards=3, hidden_dim=0, routing=True
         w.close()
         order = rng.permutation(n_per_shard)
         keep = [ids[i] for i in order]
-        pq.write_table(
-            pa.table(
-                {
-                    "id": keep,
-                    "dataset": ["x"] * len(keep),
-                    "messages": [json.dumps(_msgs(i)) for i in keep],
-                    "source_file": ["f.jsonl"] * len(keep),
-                    "source_line": list(range(len(keep))),
-                }
-            ),
-            pool / "shards" / f"{name}.parquet",
-            row_group_size=32,
-        )
+        write_pool_shard(pool / "shards" / f"{name}.parquet", keep, dataset="x", row_group_size=32)
     return router, pool
 
 
@@ -206,9 +190,9 @@ def test_join_keeps_selection_order_across_shards(tmp_path):
     )  # fmt: skip
     lines = [json.loads(x) for x in (tmp_path / "sel.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == [ids[i] for i in order]
-    assert all(r["messages"] == _msgs(r["id"]) for r in lines)
+    assert all(r["messages"] == chat(r["id"]) for r in lines)
     # an id filed under the wrong shard is still found (looked up everywhere); an unknown one is named
-    assert fetch_messages(pool, {"00000-pool-00000": [ids[0]]}) == {ids[0]: json.dumps(_msgs(ids[0]))}
+    assert fetch_messages(pool, {"00000-pool-00000": [ids[0]]}) == {ids[0]: json.dumps(chat(ids[0]))}
     with pytest.raises(ValueError, match="nope"):
         fetch_messages(pool, {"00001-pool-00000": ["nope"]})
 

@@ -1,9 +1,8 @@
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from pool_shards import chat, write_pool_shard
 
 from selectmoe.cli import main
 from selectmoe.config import SelectConfig
@@ -12,10 +11,6 @@ from selectmoe.router_data import RouterDataWriter
 from selectmoe.stages.select import run_select
 
 L, E = 2, 4
-
-
-def _msgs(i):
-    return [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
 
 
 def make_inputs(tmp_path, n_per_shard=40, drop_from_pool=()):
@@ -44,19 +39,7 @@ def make_inputs(tmp_path, n_per_shard=40, drop_from_pool=()):
         )
         w.close()
         keep = [i for i in ids if i not in drop_from_pool]
-        pq.write_table(
-            pa.table(
-                {
-                    "id": keep,
-                    "dataset": ["ds"] * len(keep),
-                    "messages": [json.dumps(_msgs(i)) for i in keep],
-                    "source_file": ["f.jsonl"] * len(keep),
-                    "source_line": list(range(len(keep))),
-                }
-            ),
-            pool / "shards" / f"{name}.parquet",
-            row_group_size=16,
-        )
+        write_pool_shard(pool / "shards" / f"{name}.parquet", keep, dataset="ds", row_group_size=16)
     return router, pool, quality
 
 
@@ -91,7 +74,7 @@ def test_run_select_sweep_end_to_end(tmp_path, ray_local):
     sel = _lines(out / "selected_data.jsonl")
     assert len(sel) == 8 and len({r["id"] for r in sel}) == 8
     for r in sel:
-        assert r["id"] in quality and r["messages"] == _msgs(r["id"]) and r["dataset"] == "ds"
+        assert r["id"] in quality and r["messages"] == chat(r["id"]) and r["dataset"] == "ds"
         assert r["scores"] == pytest.approx(quality[r["id"]])
     info = json.loads((out / "selection.json").read_text())
     assert info["k_curves"]["k"] == [2, 3, 4, 5] and len(info["k_curves"]["silhouette"]) == 4

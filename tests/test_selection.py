@@ -15,6 +15,7 @@ from selectmoe.selection.policies import (
 IDS = list("abcdefgh")
 SCORES = np.array([0.9, 0.5, 0.7, 0.7, 0.8, 0.1, 0.95, 0.3])
 LABELS = np.array([1, 0, 0, 0, 1, 2, 2, 1])
+PINNED_QUALITY_SAMPLE = [2, 4, 6]  # seed 0: c, e, g (cluster 0, 1, 2; numpy default_rng)
 
 
 def test_round_robin_exact():
@@ -110,6 +111,27 @@ def test_quality_round_robin_floor_then_clusters():
     assert bound(SCORES, LABELS, 2, ids=IDS).tolist() == [0, 6]
     with pytest.raises(ValueError, match="quality_floor"):
         quality_round_robin(SCORES, LABELS, 2, quality_floor=0.0)
+
+
+def test_quality_sample_floor_then_a_seeded_sample_over_clusters():
+    from selectmoe.selection.policies import get_policy, quality_sample
+
+    # floor 0.5 -> eligible c(2), a(0), e(4), g(6); the sample spreads them over clusters 0, 1, 2
+    picked = quality_sample(SCORES, LABELS, 3, ids=IDS, seed=0).tolist()
+    assert sorted(LABELS[picked].tolist()) == [0, 1, 2] and set(picked) <= {0, 2, 4, 6}
+    # inside the floor the order is the seeded sample, not the score: over seeds, cluster 1's pick is
+    # sometimes e (0.8) although a (0.9) scores higher, and never a row below the floor
+    firsts = {quality_sample(SCORES, LABELS, 3, ids=IDS, seed=s).tolist()[1] for s in range(20)}
+    assert firsts == {0, 4}
+    assert (
+        quality_sample(SCORES, LABELS, 3, ids=IDS, seed=5).tolist()
+        == quality_sample(SCORES, LABELS, 3, ids=IDS, seed=5).tolist()
+    )
+    assert quality_sample(SCORES, LABELS, 3, ids=IDS, seed=0).tolist() == PINNED_QUALITY_SAMPLE
+    bound = get_policy("quality_sample", quality_floor=0.25)  # only g and a are eligible
+    assert sorted(bound(SCORES, LABELS, 2, ids=IDS).tolist()) == [0, 6]
+    with pytest.raises(ValueError, match="quality_floor"):
+        quality_sample(SCORES, LABELS, 2, quality_floor=0.0)
 
 
 def test_same_seed_same_selection_for_every_policy():

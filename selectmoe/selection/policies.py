@@ -152,6 +152,27 @@ def quality_round_robin(
     return eligible[picked].astype(np.int64)
 
 
+def quality_sample(
+    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5
+) -> np.ndarray:
+    """The quality floor of :func:`quality_round_robin`, then a seeded sample of the eligible rows spread
+    round-robin over the clusters (each cluster's rows in a random order, not best score first).
+
+    Why: inside the floor the score has done its job (the known-bad rows are below it); ranking further by
+    it takes the most predictable rows, the ones the model already knows, and a finetune learns less from
+    them (docs/benchmarks.md, "Which rows inside the quality floor"). The random keys follow row order, as
+    :func:`random_policy` does."""
+    scores, budget = _check(scores, labels, budget)
+    if not 0 < quality_floor <= 1:
+        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
+    labels = np.asarray(labels)
+    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
+    eligible = np.sort(_rank_order(scores, ids)[:n_keep])
+    keys = np.random.default_rng(seed).random(len(scores))[eligible]
+    picked = round_robin(keys, labels[eligible], budget)
+    return eligible[picked].astype(np.int64)
+
+
 def cluster_mix(labels, indices, k: int) -> dict[str, float]:
     """Diversity of a selection over ``k`` clusters: how many it covers (of the non-empty ones) and the
     entropy of its cluster mix (nats; ``entropy_norm`` = entropy / ln(non-empty clusters), 1 = even)."""
@@ -171,6 +192,7 @@ def cluster_mix(labels, indices, k: int) -> dict[str, float]:
 
 Policy = Callable[..., np.ndarray]
 POLICIES: dict[str, Policy] = {
+    "quality_sample": quality_sample,
     "quality_round_robin": quality_round_robin,
     "round_robin": round_robin,
     "proportional": proportional,
@@ -180,13 +202,13 @@ POLICIES: dict[str, Policy] = {
 
 
 def get_policy(name: str, *, quality_floor: float | None = None) -> Policy:
-    """The policy ``name``; ``quality_floor`` is bound for ``quality_round_robin`` (ignored by the rest)."""
+    """The policy ``name``; ``quality_floor`` is bound for the two floor policies (ignored by the rest)."""
     try:
         policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown selection policy {name!r}; expected one of {sorted(POLICIES)}") from None
-    if policy is quality_round_robin and quality_floor is not None:
-        return functools.partial(quality_round_robin, quality_floor=float(quality_floor))
+    if policy in (quality_round_robin, quality_sample) and quality_floor is not None:
+        return functools.partial(policy, quality_floor=float(quality_floor))
     return policy
 
 

@@ -41,7 +41,7 @@ def targeted_round_robin(
     """Indices in selection order: round-robin over the target tasks (columns of ``similarity [N, T]``,
     in column order), each taking its most similar row not yet taken (ties by id asc), among the best
     ``quality_floor`` share of the pool by ``scores`` (at least ``budget`` rows; the floor of
-    :func:`~selectmoe.selection.policies.quality_round_robin`). ``ids``: strings or their ranks
+    :func:`~selectmoe.selection.policies.quality_sample`). ``ids``: strings or their ranks
     (:func:`~selectmoe.selection.policies.id_ranks`)."""
     scores, budget = _check(scores, None, budget)
     similarity = np.asarray(similarity, dtype=np.float64)
