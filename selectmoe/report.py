@@ -468,6 +468,7 @@ RUN_LABELS = {
     "random": "random, same budget",
     "top_k": "top-k by score, same budget",
     "proportional": "proportional, same budget",
+    "quality_round_robin": "quality floor, each cluster's best first, same budget",
     "full_pool": "full pool",
 }
 RUN_SHORT = {"top_k": "top-k", "full_pool": "full pool", "base": "base"}  # the verdict's arm names
