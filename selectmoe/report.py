@@ -471,8 +471,13 @@ RUN_LABELS = {
     "quality_round_robin": "quality floor, each cluster's best first, same budget",
     "full_pool": "full pool",
 }
-RUN_SHORT = {"top_k": "top-k", "full_pool": "full pool", "base": "base"}  # the verdict's arm names
-PAIRED_ORDER = ("random", "top_k", "proportional", "full_pool", "base")
+RUN_SHORT = {
+    "top_k": "top-k",
+    "full_pool": "full pool",
+    "base": "base",
+    "quality_round_robin": "best-first in the floor",
+}  # the verdict's arm names
+PAIRED_ORDER = ("random", "top_k", "proportional", "quality_round_robin", "full_pool", "base")
 METRIC_LABELS = {
     "acc": "accuracy",
     "acc_norm": "accuracy (length-normalised)",
