@@ -132,6 +132,15 @@ def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.
     return rows[keep].astype(np.int64)
 
 
+def _floor_rows(scores: np.ndarray, ids, budget: int, quality_floor: float) -> np.ndarray:
+    """Sorted indices of the best ``quality_floor`` share of the rows by score (ties by id; at least
+    ``budget`` rows): the rows the floor policies may take."""
+    if not 0 < quality_floor <= 1:
+        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
+    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
+    return np.sort(_rank_order(scores, ids)[:n_keep])
+
+
 def quality_round_robin(
     scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5
 ) -> np.ndarray:
@@ -141,11 +150,8 @@ def quality_round_robin(
     Why: plain round-robin gives a cluster made of bad twins the same quota as a clean one; the floor
     removes the bad rows first, the round-robin keeps every cluster with good rows represented."""
     scores, budget = _check(scores, labels, budget)
-    if not 0 < quality_floor <= 1:
-        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
     labels = np.asarray(labels)
-    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
-    eligible = np.sort(_rank_order(scores, ids)[:n_keep])
+    eligible = _floor_rows(scores, ids, budget, quality_floor)
     rank = id_ranks(ids)
     sub_ids = None if rank is None else rank[eligible]
     picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
@@ -163,11 +169,8 @@ def quality_sample(
     them (docs/benchmarks.md, "Which rows inside the quality floor"). The random keys follow row order, as
     :func:`random_policy` does."""
     scores, budget = _check(scores, labels, budget)
-    if not 0 < quality_floor <= 1:
-        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
     labels = np.asarray(labels)
-    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
-    eligible = np.sort(_rank_order(scores, ids)[:n_keep])
+    eligible = _floor_rows(scores, ids, budget, quality_floor)
     keys = np.random.default_rng(seed).random(len(scores))[eligible]
     picked = round_robin(keys, labels[eligible], budget)
     return eligible[picked].astype(np.int64)
