@@ -132,7 +132,7 @@ def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.
     return rows[keep].astype(np.int64)
 
 
-def _floor_rows(scores: np.ndarray, ids, budget: int, quality_floor: float) -> np.ndarray:
+def floor_rows(scores: np.ndarray, ids, budget: int, quality_floor: float) -> np.ndarray:
     """Sorted indices of the best ``quality_floor`` share of the rows by score (ties by id; at least
     ``budget`` rows): the rows the floor policies may take."""
     if not 0 < quality_floor <= 1:
@@ -151,7 +151,7 @@ def quality_round_robin(
     removes the bad rows first, the round-robin keeps every cluster with good rows represented."""
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
-    eligible = _floor_rows(scores, ids, budget, quality_floor)
+    eligible = floor_rows(scores, ids, budget, quality_floor)
     rank = id_ranks(ids)
     sub_ids = None if rank is None else rank[eligible]
     picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
@@ -170,7 +170,7 @@ def quality_sample(
     :func:`random_policy` does."""
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
-    eligible = _floor_rows(scores, ids, budget, quality_floor)
+    eligible = floor_rows(scores, ids, budget, quality_floor)
     keys = np.random.default_rng(seed).random(len(scores))[eligible]
     picked = round_robin(keys, labels[eligible], budget)
     return eligible[picked].astype(np.int64)

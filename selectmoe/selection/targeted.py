@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from selectmoe.selection.policies import _check, id_ranks
+from selectmoe.selection.policies import _check, floor_rows, id_ranks
 
 TARGETED = "targeted"  # the policy name (select.policy / select.baselines)
 
@@ -49,14 +49,10 @@ def targeted_round_robin(
         raise ValueError(f"similarity has shape {similarity.shape}, expected [{len(scores)}, tasks]")
     if similarity.shape[1] == 0:
         raise ValueError("targeted selection needs at least one target task")
-    if not 0 < quality_floor <= 1:
-        raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
     n = len(scores)
-    n_keep = min(n, max(budget, int(np.ceil(quality_floor * n))))
+    eligible = floor_rows(scores, ids, budget, quality_floor)
     rank = id_ranks(ids)
-    rank = np.arange(n) if rank is None else rank
-    eligible = np.sort(np.lexsort((rank, -scores))[:n_keep])  # the quality floor (ties by id)
-    tie = rank[eligible]
+    tie = (np.arange(n) if rank is None else rank)[eligible]
     sub = np.where(np.isfinite(similarity[eligible]), similarity[eligible], -np.inf)
     orders = [eligible[np.lexsort((tie, -sub[:, t]))] for t in range(sub.shape[1])]
     taken = np.zeros(n, dtype=bool)
