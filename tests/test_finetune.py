@@ -121,6 +121,9 @@ def test_lora_finetune_lowers_loss_and_writes_manifests(trained):
     assert manifest["extra"]["first_loss"] == pytest.approx(run.first_loss)
     overall = json.loads((Path(cfg.output_dir) / "_manifest.json").read_text())
     assert overall["counts"]["runs"] == 1 and "sel" in overall["extra"]["runs"]
+    # no eval_fn: the epoch-1 end (step 8) is a log step, not a checkpoint; checkpoint_every=100 > 16 steps
+    ray_run = Path(manifest["extra"]["checkpoint"]).parent
+    assert sorted(p.name for p in ray_run.glob("checkpoint_0*")) == ["checkpoint_00000016"]
     assert set(result.summary()["runs"]["sel"]) >= {"rows", "steps", "first_loss", "last_loss"}
 
 
