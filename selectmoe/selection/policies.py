@@ -134,7 +134,7 @@ def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.
 
 def floor_rows(scores: np.ndarray, ids, budget: int, quality_floor: float) -> np.ndarray:
     """Sorted indices of the best ``quality_floor`` share of the rows by score (ties by id; at least
-    ``budget`` rows): the rows the floor policies may take."""
+    ``budget`` rows): the rows the floor policies may take. ``ids``: strings or their ranks."""
     if not 0 < quality_floor <= 1:
         raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
     n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
@@ -151,8 +151,8 @@ def quality_round_robin(
     removes the bad rows first, the round-robin keeps every cluster with good rows represented."""
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
-    eligible = floor_rows(scores, ids, budget, quality_floor)
-    rank = id_ranks(ids)
+    rank = id_ranks(ids)  # once: the floor and the round-robin both break ties by it
+    eligible = floor_rows(scores, rank, budget, quality_floor)
     sub_ids = None if rank is None else rank[eligible]
     picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
     return eligible[picked].astype(np.int64)

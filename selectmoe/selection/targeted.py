@@ -50,8 +50,8 @@ def targeted_round_robin(
     if similarity.shape[1] == 0:
         raise ValueError("targeted selection needs at least one target task")
     n = len(scores)
-    eligible = floor_rows(scores, ids, budget, quality_floor)
-    rank = id_ranks(ids)
+    rank = id_ranks(ids)  # once: the floor and the similarity order both break ties by it
+    eligible = floor_rows(scores, rank, budget, quality_floor)
     tie = (np.arange(n) if rank is None else rank)[eligible]
     sub = np.where(np.isfinite(similarity[eligible]), similarity[eligible], -np.inf)
     orders = [eligible[np.lexsort((tie, -sub[:, t]))] for t in range(sub.shape[1])]

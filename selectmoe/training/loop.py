@@ -47,9 +47,9 @@ was taken, so a report every few fast steps stalls training (measured: ~1.7 s pe
 time of a 51-step test run). Log steps therefore report at most once per poll period (rank 0's clock
 decides for all ranks); the log steps in between ride along in the next report as ``log_history`` (a
 list of every log step's metrics, the reported step last), which :func:`metrics_log_callback` writes out
-line by line. Checkpoint steps and the last step always report; a plain epoch end is a log step
-(a forced checkpoint there waited for the controller to take the log step just before it: the demo's
-three 10-epoch finetunes took 140 s with them, 133 s without, the same LoRA tensors). The optional
+line by line. Checkpoint steps and the last step always report; a plain epoch end is a log step (a
+forced checkpoint there waits for the controller to take the log step just before it: docs/benchmarks.md,
+"The demo within 10 minutes"). The optional
 ``eval_fn(model) -> {name: float}`` runs at each epoch end (rank 0; every rank under FSDP) and before
 step 1 with ``eval_before`` (reported as ``<name>_before``); every report carries the latest eval values
 (Tune schedulers need the metric in every result). Reports also carry ``tokens_seen`` (non-pad tokens,
