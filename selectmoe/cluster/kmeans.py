@@ -88,34 +88,64 @@ def _chunk_rows(k: int, device=None) -> int:
     return max(1024, block_elements(device) // max(k, 1))
 
 
-def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None):
-    """Nearest centroid by cosine for unit rows ``X`` -> (labels int64 [N], best cosine [N]).
+# MKL's sgemm (the pinned AVX2 branch) takes another code path below 12 output columns: a GEMM of one
+# restart's k < 12 centroids rounds differently from the same columns inside a wider GEMM, while from 12
+# columns on every column is the same bits whatever its neighbours (tests/test_kmeans.py checks both).
+# So runs of k >= _FUSE_MIN_K share one GEMM per chunk of X and smaller ones get their own: a run gives the
+# same bits alone or in any lockstep group.
+_FUSE_MIN_K = 12
 
-    With ``sums`` ([K, D], zeroed by the caller) the per-cluster row sums of the new assignment are
-    accumulated in the same pass (one-hot GEMM), so one k-means iteration reads X once.
+
+def assign_many(X: torch.Tensor, centroids: list[torch.Tensor], *, sums: list[torch.Tensor] | None = None):
+    """Nearest centroid by cosine for unit rows ``X`` under each centroid set -> [(labels int64 [N], best
+    cosine [N])], reading X once: every chunk of rows meets all the centroid sets while it is in cache.
+
+    With ``sums`` (one [K, D] per set, zeroed by the caller) the per-cluster row sums of each new
+    assignment are accumulated in the same pass (one-hot GEMM), so one lockstep iteration reads X once.
     """
     n = X.shape[0]
-    labels = torch.empty(n, dtype=torch.long, device=X.device)
-    best = torch.empty(n, dtype=X.dtype, device=X.device)
-    step = _chunk_rows(C.shape[0], X.device)
-    Ct = C.t().contiguous()
-    block = torch.empty(min(step, n), C.shape[0], dtype=X.dtype, device=X.device)  # reused: no allocs
+    fused = [i for i, C in enumerate(centroids) if C.shape[0] >= _FUSE_MIN_K]
+    alone = [i for i, C in enumerate(centroids) if C.shape[0] < _FUSE_MIN_K]
+    widths = [C.shape[0] for C in centroids]
+    offsets = dict(zip(fused, np.cumsum([0] + [widths[i] for i in fused[:-1]]).tolist()))
+    Ct_fused = torch.cat([centroids[i] for i in fused]).t().contiguous() if fused else None
+    Ct_alone = {i: centroids[i].t().contiguous() for i in alone}
+    step = _chunk_rows(sum(widths), X.device)
+    m = min(step, n)
+    block = torch.empty(m, Ct_fused.shape[1], dtype=X.dtype, device=X.device) if fused else None  # reused
+    small = {i: torch.empty(m, widths[i], dtype=X.dtype, device=X.device) for i in alone}
+    labels = [torch.empty(n, dtype=torch.long, device=X.device) for _ in centroids]
+    best = [torch.empty(n, dtype=X.dtype, device=X.device) for _ in centroids]
     onehot = (
-        torch.empty(min(step, n), C.shape[0], dtype=sums.dtype, device=X.device) if sums is not None else None
+        {i: torch.empty(m, w, dtype=sums[i].dtype, device=X.device) for i, w in enumerate(widths)}
+        if sums is not None
+        else None
     )
     for start in range(0, n, step):
         xc = X[start : start + step]
-        sim = torch.mm(xc, Ct, out=block[: xc.shape[0]])
-        lab = labels[start : start + step]
-        torch.max(sim, dim=1, out=(best[start : start + step], lab))
-        if sums is not None:
-            # Cluster sums as a one-hot GEMM (onehotᵀ · x): deterministic on CUDA, where index_add_ uses
-            # float atomics. On CPU the caller uses index_add_ instead (_cluster_sums: a full pass is 2.5x
-            # faster than this GEMM at N=100k, K=64, D=256, and it is deterministic there).
-            hot = onehot[: xc.shape[0]].zero_()
-            hot.scatter_(1, lab[:, None], 1.0)
-            sums.addmm_(hot.t(), xc.to(sums.dtype))
-    return labels, best
+        rows = slice(start, start + xc.shape[0])
+        sims = {}
+        if fused:
+            sim = torch.mm(xc, Ct_fused, out=block[: xc.shape[0]])
+            sims = {i: sim[:, offsets[i] : offsets[i] + widths[i]] for i in fused}
+        for i in alone:
+            sims[i] = torch.mm(xc, Ct_alone[i], out=small[i][: xc.shape[0]])
+        for i, sim in sims.items():
+            torch.max(sim, dim=1, out=(best[i][rows], labels[i][rows]))
+            if sums is not None:
+                # Cluster sums as a one-hot GEMM (onehotᵀ · x): deterministic on CUDA, where index_add_
+                # uses float atomics. On CPU the caller uses index_add_ instead (_cluster_sums: a full pass
+                # is 2.5x faster than this GEMM at N=100k, K=64, D=256, and it is deterministic there).
+                hot = onehot[i][: xc.shape[0]].zero_()
+                hot.scatter_(1, labels[i][rows, None], 1.0)
+                sums[i].addmm_(hot.t(), xc.to(sums[i].dtype))
+    return list(zip(labels, best))
+
+
+def assign(X: torch.Tensor, C: torch.Tensor, *, sums: torch.Tensor | None = None):
+    """Nearest centroid by cosine for unit rows ``X`` -> (labels int64 [N], best cosine [N]); ``sums``
+    as in :func:`assign_many`."""
+    return assign_many(X, [C], sums=None if sums is None else [sums])[0]
 
 
 def _inertia(best: torch.Tensor) -> float:
@@ -181,33 +211,40 @@ def _cluster_sums(
     return sums
 
 
-def _one_run(X: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Generator):
-    C = _kmeanspp(X, k, gen)
-    prev_inertia = None
-    prev_labels = None
-    prev_sums = None
-    n_iter = 0
-    labels = best = None
-    for _ in range(max_iter):
-        if X.is_cuda:
-            sums = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device)
-            labels, best = assign(X, C, sums=sums)
-        else:
-            labels, best = assign(X, C)
+@dataclass
+class _Run:
+    """One restart's Lloyd state; :func:`_lloyd_lockstep` advances many of them one iteration at a time."""
+
+    k: int
+    C: torch.Tensor
+    n_iter: int = 0
+    prev_inertia: float | None = None
+    prev_labels: torch.Tensor | None = None
+    prev_sums: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # final assignment, set when the run stops
+    best: torch.Tensor | None = None
+
+    def step(self, X: torch.Tensor, labels, best, sums, tol: float) -> bool:
+        """Take one assignment; True when the run has stopped on it, else update the centroids."""
         inertia = _inertia(best)
-        if prev_labels is not None and torch.equal(labels, prev_labels):
-            break  # fixed point: C already is the normalised mean of these labels
-        if (
-            prev_inertia is not None
+        fixed_point = self.prev_labels is not None and torch.equal(labels, self.prev_labels)
+        # fixed point: C already is the normalised mean of these labels
+        converged = (
+            self.prev_inertia is not None
             and tol > 0
-            and (prev_inertia - inertia) <= tol * max(prev_inertia, 1e-12)
-        ):
-            break
+            and (self.prev_inertia - inertia) <= tol * max(self.prev_inertia, 1e-12)
+        )
+        if fixed_point or converged:
+            self.labels, self.best = labels, best
+            self.prev_labels = self.prev_sums = None
+            return True
         if not X.is_cuda:
-            incremental = prev_labels is not None and n_iter % _FULL_SUMS_EVERY != 0
-            sums = _cluster_sums(X, labels, k, (prev_labels, prev_sums) if incremental else None)
-        prev_sums = sums
-        counts = torch.bincount(labels, minlength=k)
+            incremental = self.prev_labels is not None and self.n_iter % _FULL_SUMS_EVERY != 0
+            sums = _cluster_sums(
+                X, labels, self.k, (self.prev_labels, self.prev_sums) if incremental else None
+            )
+        self.prev_sums = sums
+        counts = torch.bincount(labels, minlength=self.k)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
             # Re-seed each empty cluster with one of the points farthest from their own centroid
@@ -215,12 +252,33 @@ def _one_run(X: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Gene
             far = torch.argsort(best, stable=True)[: len(empty)]
             sums = sums.clone()
             sums[empty] = X[far].to(sums.dtype)
-        C = _normalise(sums)
-        prev_inertia, prev_labels = inertia, labels
-        n_iter += 1
-    else:
-        labels, best = assign(X, C)
-    return labels, C, _inertia(best), n_iter
+        self.C = _normalise(sums)
+        self.prev_inertia, self.prev_labels = inertia, labels
+        self.n_iter += 1
+        return False
+
+
+def _lloyd_lockstep(X: torch.Tensor, runs: list[_Run], max_iter: int, tol: float) -> None:
+    """Advance every run to its stop, all still-running runs assigned in one pass over X per iteration.
+    Each run's arithmetic is exactly that of running it alone (see _FUSE_MIN_K)."""
+    active = list(runs)
+    for _ in range(max_iter):
+        if not active:
+            return
+        sums = (
+            [torch.zeros(r.k, X.shape[1], dtype=X.dtype, device=X.device) for r in active]
+            if X.is_cuda
+            else None
+        )
+        out = assign_many(X, [r.C for r in active], sums=sums)
+        active = [
+            r
+            for j, (r, (labels, best)) in enumerate(zip(active, out))
+            if not r.step(X, labels, best, sums[j] if sums is not None else None, tol)
+        ]
+    # max_iter reached: the returned labels are the nearest-centroid assignment of the last centroids
+    for r, (labels, best) in zip(active, assign_many(X, [r.C for r in active]) if active else []):
+        r.labels, r.best = labels, best
 
 
 def spherical_kmeans(
@@ -248,27 +306,51 @@ def spherical_kmeans(
     assignment of the returned centroids and ``inertia`` is Σ(1 − cos) of exactly that assignment.
     Deterministic for a seed on a given device/thread count.
     """
+    return spherical_kmeans_many(X, [k], n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, device=device)[
+        int(k)
+    ]
+
+
+def spherical_kmeans_many(
+    X,
+    ks,
+    *,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int = 0,
+    device=None,
+) -> dict[int, KMeansResult]:
+    """:func:`spherical_kmeans` for every k in ``ks``, in lockstep: all restarts of all k advance together
+    and each Lloyd iteration reads X once for all of them (the k sweep's cost on CPU is reading X, not the
+    arithmetic, for the small k). Each k's result is the one ``spherical_kmeans(X, k)`` returns."""
     Xt = as_unit_rows(X, device=device)
     n = Xt.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}] for {n} rows, got {k}")
-    best_run = None
-    inertias = []
-    for r in range(max(1, n_init)):
-        gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        labels, C, inertia, n_iter = _one_run(Xt, k, max_iter, tol, gen)
-        inertias.append(inertia)
-        if best_run is None or inertia < best_run[2]:
-            best_run = (labels, C, inertia, n_iter, r)
-    labels, C, inertia, n_iter, r = best_run
-    return KMeansResult(
-        labels=labels.cpu().numpy(),
-        centroids=C.float().cpu().numpy(),
-        inertia=inertia,
-        n_iter=n_iter,
-        restart=r,
-        inertias=tuple(inertias),
-    )
+    ks = [int(k) for k in dict.fromkeys(ks)]
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}] for {n} rows, got {k}")
+    restarts = range(max(1, n_init))
+    runs = {
+        (k, r): _Run(k, _kmeanspp(Xt, k, torch.Generator(device="cpu").manual_seed(int(seed) + r)))
+        for k in ks
+        for r in restarts
+    }
+    _lloyd_lockstep(Xt, list(runs.values()), max_iter, tol)
+    out = {}
+    for k in ks:
+        inertias = [_inertia(runs[k, r].best) for r in restarts]
+        r = int(np.argmin(inertias))  # ties: the lowest restart
+        best = runs[k, r]
+        out[k] = KMeansResult(
+            labels=best.labels.cpu().numpy(),
+            centroids=best.C.float().cpu().numpy(),
+            inertia=inertias[r],
+            n_iter=best.n_iter,
+            restart=r,
+            inertias=tuple(inertias),
+        )
+    return out
 
 
 def assign_to_centroids(X, centroids, *, device=None) -> tuple[np.ndarray, float]:

@@ -7,9 +7,12 @@ rows, else over a seeded subsample of that many (the same rows for every k), wit
 (std / sqrt(rows); 0 when the silhouette covers the whole pool).
 
 Actors are planned against the cluster first (:mod:`selectmoe.placement`: fitted with a notice or refused,
-never a hang), GPU actors spread one per GPU. Tasks are handed out largest k first to whichever actor
-frees up, so the tail of the sweep is made of cheap small-k fits. Every task is deterministic for its
-(k, seed), so results do not depend on the schedule.
+never a hang), GPU actors spread one per GPU. A task is a group of up to ``K_PER_TASK`` consecutive k (fewer
+when the sweep is short, so every requested actor gets work), fitted in lockstep (:func:`selectmoe.cluster.kmeans.spherical_kmeans_many`: the sample is read once per iteration for
+the whole group); groups are handed out largest k first to whichever actor frees up, so the tail of the
+sweep is made of cheap small-k fits. The groups are a fixed function of the k values and the requested
+actor count (never of what the cluster has), and every task is deterministic for its (group, seed), so
+results do not depend on the schedule (on CPU a k's result does not depend on its group either).
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ import numpy as np
 
 from selectmoe.cluster.features import unit_features
 from selectmoe.cluster.kmeans import UnitRows
+from selectmoe.cluster.registry import fit_many
 from selectmoe.cluster.silhouette import cosine_silhouette_samples
 
 logger = logging.getLogger(__name__)
+
+# Most k values per sweep task. Lockstep pays while several k share each pass over the sample; measured
+# in docs/benchmarks.md ("Scale").
+K_PER_TASK = 8
 
 
 @dataclass
@@ -39,7 +47,7 @@ class KFit:
     labels: np.ndarray  # int32 [sample rows]
     centroids: np.ndarray  # float32 [k, F], unit rows
     n_iter: int
-    seconds: float
+    seconds: float  # its share of its lockstep group's k-means time, plus its own silhouette
 
 
 @dataclass
@@ -85,9 +93,19 @@ def silhouette_rows_of(n_sample: int, silhouette_rows: int, seed: int) -> np.nda
     return np.sort(np.random.default_rng(seed + 1).choice(n_sample, size=silhouette_rows, replace=False))
 
 
-def fit_k(
+def k_groups(ks: Sequence[int], num_actors: int = 1) -> list[list[int]]:
+    """The sweep's tasks: ``ks`` largest first, cut into groups of consecutive values, at most
+    ``K_PER_TASK`` and at least one group per requested actor where there are enough k. ``num_actors`` is
+    the requested count, not the placed one: a GPU sweep's groups (whose GEMM shapes decide its rounding)
+    are the same on every cluster."""
+    order = sorted({int(k) for k in ks}, reverse=True)
+    per_task = max(1, min(K_PER_TASK, math.ceil(len(order) / max(1, num_actors))))
+    return [order[i : i + per_task] for i in range(0, len(order), per_task)]
+
+
+def fit_ks(
     X: UnitRows,
-    k: int,
+    ks: Sequence[int],
     clusterer: Callable,
     *,
     n_init: int = 1,
@@ -98,31 +116,39 @@ def fit_k(
     sil_rows: np.ndarray | None = None,
     sil_X: UnitRows | None = None,
     exact: bool = True,
-) -> KFit:
-    """One sweep task on unit rows ``X``; silhouette over ``sil_X`` (rows ``sil_rows`` of X) or all of X.
-    ``exact``: the silhouette rows are the whole pool (standard error 0)."""
+) -> list[KFit]:
+    """One sweep task on unit rows ``X``: every k of ``ks`` fitted together (:func:`fit_many`), then each
+    one's silhouette over ``sil_X`` (rows ``sil_rows`` of X) or all of X. ``exact``: the silhouette rows
+    are the whole pool (standard error 0)."""
     t0 = time.perf_counter()
-    res = clusterer(X, k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, device=device)
-    labels = np.asarray(res.labels)
-    try:
-        s = cosine_silhouette_samples(
-            sil_X if sil_rows is not None else X, labels[sil_rows] if sil_rows is not None else labels,
-            device=device,
-        )  # fmt: skip
-        sil = float(s.mean())
-        se = 0.0 if exact else float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else float("nan")
-    except ValueError:
-        sil = se = float("nan")
-    return KFit(
-        k=int(k),
-        inertia=float(res.inertia),
-        silhouette=sil,
-        silhouette_se=se,
-        labels=labels.astype(np.int32),
-        centroids=np.asarray(res.centroids, np.float32),
-        n_iter=int(getattr(res, "n_iter", 0)),
-        seconds=time.perf_counter() - t0,
-    )
+    results = fit_many(clusterer, X, ks, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, device=device)
+    fit_share = (time.perf_counter() - t0) / max(1, len(results))
+    fits = []
+    for k, res in results.items():
+        t1 = time.perf_counter()
+        labels = np.asarray(res.labels)
+        try:
+            s = cosine_silhouette_samples(
+                sil_X if sil_rows is not None else X, labels[sil_rows] if sil_rows is not None else labels,
+                device=device,
+            )  # fmt: skip
+            sil = float(s.mean())
+            se = 0.0 if exact else float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else float("nan")
+        except ValueError:
+            sil = se = float("nan")
+        fits.append(
+            KFit(
+                k=int(k),
+                inertia=float(res.inertia),
+                silhouette=sil,
+                silhouette_se=se,
+                labels=labels.astype(np.int32),
+                centroids=np.asarray(res.centroids, np.float32),
+                n_iter=int(getattr(res, "n_iter", 0)),
+                seconds=fit_share + time.perf_counter() - t1,
+            )
+        )
+    return fits
 
 
 class _SweepWorker:
@@ -150,9 +176,9 @@ class _SweepWorker:
         n_sil = n if self.sil_rows is None else len(self.sil_rows)
         self.exact = n_sil == (n_pool if n_pool is not None else n)
 
-    def fit(self, k, params):
-        return fit_k(
-            self.X, k, self.clusterer, device=self.device, sil_rows=self.sil_rows, sil_X=self.sil_X,
+    def fit(self, ks: Sequence[int], params) -> list[KFit]:
+        return fit_ks(
+            self.X, ks, self.clusterer, device=self.device, sil_rows=self.sil_rows, sil_X=self.sil_X,
             exact=self.exact, **params,
         )  # fmt: skip
 
@@ -191,7 +217,8 @@ def sweep_k(
     from selectmoe.cluster.registry import get_clusterer
 
     clusterer = clusterer or get_clusterer("spherical_kmeans")
-    ks = sorted({int(k) for k in ks}, reverse=True)  # largest first
+    groups = k_groups(ks, num_actors)
+    ks = [k for group in groups for k in group]
     params = dict(n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
     worker_args = dict(widths=widths, silhouette_rows=silhouette_rows, seed=seed, n_pool=n_pool)
     t0 = time.perf_counter()
@@ -218,8 +245,9 @@ def sweep_k(
     if not use_ray:
         worker = _SweepWorker(X, clusterer=clusterer, **worker_args)
         n_actors = 1
-        for k in ks:
-            record(worker.fit(k, params))
+        for group in groups:
+            for fit in worker.fit(group, params):
+                record(fit)
         del worker
     else:
         import ray
@@ -239,7 +267,7 @@ def sweep_k(
             memory_per_actor=per_actor,
             memory_key=memory_key,
         )
-        plan.n_actors = min(plan.n_actors, len(ks))  # no idle actor for a short sweep
+        plan.n_actors = min(plan.n_actors, len(groups))  # no idle actor for a short sweep
         plan.n_bundles = min(plan.n_bundles, plan.n_actors)
         notices, n_actors = plan.notices, plan.n_actors
         gpu = plan.gpus_per_actor > 0
@@ -259,21 +287,20 @@ def sweep_k(
             ),
             key=actors_key,
         )
-        pending = list(ks)
+        pending = list(groups)
         running: dict = {}
         for actor in actors:
             if pending:
-                k = pending.pop(0)
-                running[actor.fit.remote(k, params)] = (actor, k)
+                running[actor.fit.remote(pending.pop(0), params)] = actor
         try:
             while running:
                 ready, _ = ray.wait(list(running), num_returns=1)
                 ref = ready[0]
-                actor, _ = running.pop(ref)
-                record(ray.get(ref))
+                actor = running.pop(ref)
+                for fit in ray.get(ref):
+                    record(fit)
                 if pending:
-                    nk = pending.pop(0)
-                    running[actor.fit.remote(nk, params)] = (actor, nk)
+                    running[actor.fit.remote(pending.pop(0), params)] = actor
         finally:
             for actor in actors:
                 ray.kill(actor)
