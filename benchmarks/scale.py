@@ -196,7 +196,7 @@ def sweep_cost(rows: int, ks: list[int], n_init: int, replicas: int, k_range: li
     per_k = {}
     for k in ks:
         c0, t0 = time.process_time(), time.perf_counter()
-        fit = worker.fit(k, dict(n_init=n_init, max_iter=300, tol=1e-4, seed=0))
+        (fit,) = worker.fit([k], dict(n_init=n_init, max_iter=300, tol=1e-4, seed=0))
         cpu_s = time.process_time() - c0
         per_k[k] = {"cpu_s": round(cpu_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                     "n_iter_best": fit.n_iter}  # fmt: skip

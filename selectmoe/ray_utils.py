@@ -126,6 +126,17 @@ def cluster_cpus() -> float:
     )
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the cluster's largest alive node (this machine's count without Ray): what one actor's
+    threads can use at most."""
+    import ray
+
+    if not ray.is_initialized():
+        return float(os.cpu_count() or 1)
+    sizes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(sizes, default=1.0) or 1.0
+
+
 def resolve_use_gpu(flag: bool | None) -> bool:
     """``None`` means "use GPUs when the cluster has them"; ``True`` on a GPU-less cluster is an error."""
     gpus = cluster_gpus()

@@ -408,3 +408,15 @@ def test_cpu_replica_plan_never_asks_for_more_than_the_cluster_has():
     assert cpu_replica_plan(16.0, 4) == (4, 1.0, [])
     with pytest.raises(ValueError, match=r"^score.num_replicas: the Ray cluster has 1 CPU\(s\); CPU scoring"):
         cpu_replica_plan(1.0, 1)
+
+
+def test_a_lone_cpu_replica_uses_every_cpu_of_its_node(ray_local):
+    """One replica on the 2-CPU cluster runs 2 torch threads (the encode tasks' CPU idles between their
+    bursts); several share the CPUs the encode tasks leave; threads never exceed a node's CPUs."""
+    from selectmoe.config import ScoreConfig
+    from selectmoe.scoring.dataset import replica_resources
+
+    def threads(replicas: int) -> int:
+        return replica_resources(ScoreConfig(num_replicas=replicas), use_gpu=False)[2]
+
+    assert (threads(1), threads(2), threads(4)) == (2, 1, 1)

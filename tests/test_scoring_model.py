@@ -42,6 +42,44 @@ def test_vectorised_nll_equals_the_row_loop(dtype, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)  # within 1e-6 relative: 1-2 fp32 ulps at ~9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_log_softmax_for_two_target_sets_is_the_cross_entropy_of_each(dtype, monkeypatch):
+    """The score stage's sample and answer NLLs share one log-softmax: each equals, bit for bit, a flat
+    ``F.cross_entropy`` over the shifted logits with its own targets (what the scores were before)."""
+    import torch.nn.functional as F
+
+    import selectmoe.scoring.model as sm
+
+    gen = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(5, 21, 301, generator=gen)).to(dtype)
+    whole = torch.randint(0, 301, (5, 21), generator=gen)
+    whole[4, 15:] = IGNORE_INDEX
+    answer = whole.clone()
+    answer[:, :12] = IGNORE_INDEX
+    answer[3] = IGNORE_INDEX
+
+    def flat(targets):
+        shifted = targets[:, 1:]
+        keep = shifted != IGNORE_INDEX
+        nll = F.cross_entropy(
+            logits[:, :-1].to(torch.float32).reshape(-1, 301),
+            shifted.masked_fill(~keep, 0).reshape(-1),
+            reduction="none",
+        )
+        total = (nll.view(5, 20) * keep).sum(dim=1)
+        count = keep.sum(dim=1)
+        return torch.where(
+            count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan"))
+        ).numpy()
+
+    for chunk in (1 << 27, 21 * 301 * 2):
+        monkeypatch.setattr(sm, "NLL_CHUNK_ELEMENTS", chunk)
+        got_whole, got_answer = sm.mean_token_nlls(logits, [whole, answer])
+        np.testing.assert_array_equal(got_whole, flat(whole))
+        np.testing.assert_array_equal(got_answer, flat(answer))  # NaN for row 3 in both
+        assert np.isnan(got_answer[3])
+
+
 def test_length_groups_sort_and_cut():
     lengths = [30, 5, 31, 6, 100, 5, 7, 29]
     groups = length_groups(lengths, min_rows=2, max_ratio=1.25)

@@ -125,7 +125,7 @@ def replica_resources(
     cfg: ScoreConfig, use_gpu: bool
 ) -> tuple[dict[str, Any], dict[str, Any], int | None, int]:
     """(scorer remote args, encoder-task remote args, scorer torch threads, replicas)."""
-    from selectmoe.ray_utils import cluster_cpus
+    from selectmoe.ray_utils import cluster_cpus, largest_node_cpus
 
     cpus = cluster_cpus()
     encode_args = {"num_cpus": 0.5}
@@ -140,7 +140,12 @@ def replica_resources(
         logger.warning(line)
     if per_replica == encode_args["num_cpus"]:
         per_replica = 0.45
-    threads = max(1, int((cpus - 1) // replicas)) if cpus > 2 else 1
+    # torch threads: the CPUs the encode tasks leave, shared by the replicas, and never more than a node
+    # has. A lone replica takes every CPU of its node: encoding is a small share of the work and runs in
+    # bursts between batches, so the CPU reserved for it idles most of the time (Gemma-3-270M on 2 cores:
+    # 0.79 s a row with 2 threads, 1.44 s with 1; docs/benchmarks.md).
+    spare = cpus if replicas == 1 else cpus - 1
+    threads = max(1, min(int(largest_node_cpus()), int(spare // replicas)))
     return {"num_cpus": per_replica}, encode_args, threads, replicas
 
 

@@ -34,27 +34,39 @@ NLL_CHUNK_ELEMENTS = 1 << 27
 def mean_token_nll(logits, targets):
     """Per-sample mean next-token NLL (fp32) over positions whose target is not ``IGNORE_INDEX``.
 
-    ``logits [B, T, V]`` predict ``targets [B, T]`` shifted by one (HF causal-LM convention). Vectorised over
-    rows (no host sync per row): fp32 cross-entropy per position, then a masked mean; rows are
-    taken in chunks of at most ``NLL_CHUNK_ELEMENTS`` fp32 logits so a bf16 batch never holds a whole fp32
-    copy. A row without any target gets NaN. Returns fp32 numpy ``[B]``."""
+    ``logits [B, T, V]`` predict ``targets [B, T]`` shifted by one (HF causal-LM convention). A row without
+    any target gets NaN. Returns fp32 numpy ``[B]``; see :func:`mean_token_nlls`."""
+    return mean_token_nlls(logits, [targets])[0]
+
+
+def mean_token_nlls(logits, targets_list):
+    """:func:`mean_token_nll` for several target sets of the same logits (the whole sample and the answer),
+    from ONE log-softmax: with a large vocabulary (Gemma-3: 262k words) the normalisation is the cost, and
+    taking it on the logits as they are (rows of a contiguous ``[T, V]``) avoids the copy that flattening the
+    shifted ``[:, :-1]`` view would make. Vectorised over rows (no host sync per row); rows are taken in
+    chunks of at most ``NLL_CHUNK_ELEMENTS`` fp32 logits so a bf16 batch never holds a whole fp32 copy.
+    Each position's NLL is the bits ``F.cross_entropy`` gives (the same per-row log-softmax, negated)."""
     import torch
-    import torch.nn.functional as F
 
     b, t, v = logits.shape
-    shifted = targets[:, 1:].to(logits.device)
-    keep = shifted != IGNORE_INDEX
-    safe = shifted.masked_fill(~keep, 0)
-    total = torch.zeros(b, dtype=torch.float32, device=logits.device)
-    step = max(1, NLL_CHUNK_ELEMENTS // max(1, (t - 1) * v))
+    masks = []
+    for targets in targets_list:
+        shifted = targets[:, 1:].to(logits.device)
+        keep = shifted != IGNORE_INDEX
+        masks.append((shifted.masked_fill(~keep, 0), keep))
+    totals = [torch.zeros(b, dtype=torch.float32, device=logits.device) for _ in masks]
+    step = max(1, NLL_CHUNK_ELEMENTS // max(1, t * v))
     for i in range(0, b, step):
-        chunk = logits[i : i + step, :-1].to(torch.float32)
-        rows = chunk.shape[0]
-        nll = F.cross_entropy(chunk.reshape(-1, v), safe[i : i + step].reshape(-1), reduction="none")
-        total[i : i + step] = (nll.view(rows, t - 1) * keep[i : i + step]).sum(dim=1)
-    count = keep.sum(dim=1)
-    mean = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
-    return mean.cpu().numpy()
+        logp = torch.log_softmax(logits[i : i + step].to(torch.float32), dim=-1)[:, :-1]
+        for total, (safe, keep) in zip(totals, masks):
+            nll = -logp.gather(-1, safe[i : i + step, :, None]).squeeze(-1)
+            total[i : i + step] = (nll * keep[i : i + step]).sum(dim=1)
+    out = []
+    for total, (_, keep) in zip(totals, masks):
+        count = keep.sum(dim=1)
+        mean = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+        out.append(mean.cpu().numpy())
+    return out
 
 
 def scorer_kind(config) -> str:
@@ -122,12 +134,13 @@ def score_batch(
                     pooled_hidden(captured["h"], attention_mask, hidden_projection).cpu().numpy()
                 )
             sample_targets = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            stats["sample_nll"] = mean_token_nll(out.logits, sample_targets)
-            stats["response_nll"] = (
-                mean_token_nll(out.logits, response_labels)
-                if response_labels is not None
-                else np.full(input_ids.shape[0], np.nan, np.float32)
-            )
+            if response_labels is not None:
+                stats["sample_nll"], stats["response_nll"] = mean_token_nlls(
+                    out.logits, [sample_targets, response_labels]
+                )
+            else:
+                stats["sample_nll"] = mean_token_nll(out.logits, sample_targets)
+                stats["response_nll"] = np.full(input_ids.shape[0], np.nan, np.float32)
     finally:
         if handle is not None:
             handle.remove()
