@@ -1,7 +1,7 @@
 """Real-model check through the pipeline on CPU: a pretrained LM scores a real pool with known-bad rows.
 
     python benchmarks/real_model.py [--n 800] [--bad-fraction 0.25] [--work /tmp/real-model] \
-        [--model-dir DIR] [--batch-size 4] [--json out.json]
+        [--model-dir DIR] [--batch-size 4] [--dtype auto|bfloat16] [--json out.json]
 
 The scorer is Gemma-3-270M base (a dense causal LM: no gate, no routing), from the registry packages of
 ``../shared/DATA.md`` — optional, never a dependency of selectmoe (Gemma terms)::
@@ -209,6 +209,12 @@ def main() -> None:
     ap.add_argument("--model-dir", help="scorer (default: the cached Gemma-3-270M, converted on first use)")
     ap.add_argument("--sdist", default=str(CACHE / SDIST), help="llamafactory 0.9.5 sdist (alpaca_en_demo)")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="score.dtype; bfloat16 pays on a CPU with AVX512-BF16 or AMX, run with "
+        "SELECTMOE_CPU_ISA=native (the default AVX2 pin has no fast bf16 kernels)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the in-process Ray")
     ap.add_argument("--json", help="write the figures here")
@@ -242,7 +248,8 @@ def main() -> None:
         [
             "run", "demo", "demo.enabled=false", "stages=[ingest,score,select]", f"output_dir={out}",
             f"score.model_dir={model_dir}",
-            f"data.pool=[{','.join(pool)}]", f"score.batch_size={args.batch_size}", "select.plots=false",
+            f"data.pool=[{','.join(pool)}]", f"score.batch_size={args.batch_size}", f"score.dtype={args.dtype}",
+            "select.plots=false",
             "select.baselines=[random]", "select.k_range=[4,16]",
         ]
     )  # fmt: skip
