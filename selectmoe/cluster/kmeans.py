@@ -227,8 +227,8 @@ class _Run:
     def step(self, X: torch.Tensor, labels, best, sums, tol: float) -> bool:
         """Take one assignment; True when the run has stopped on it, else update the centroids."""
         inertia = _inertia(best)
-        fixed_point = self.prev_labels is not None and torch.equal(labels, self.prev_labels)
         # fixed point: C already is the normalised mean of these labels
+        fixed_point = self.prev_labels is not None and torch.equal(labels, self.prev_labels)
         converged = (
             self.prev_inertia is not None
             and tol > 0

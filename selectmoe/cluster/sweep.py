@@ -218,7 +218,6 @@ def sweep_k(
 
     clusterer = clusterer or get_clusterer("spherical_kmeans")
     groups = k_groups(ks, num_actors)
-    ks = [k for group in groups for k in group]
     params = dict(n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
     worker_args = dict(widths=widths, silhouette_rows=silhouette_rows, seed=seed, n_pool=n_pool)
     t0 = time.perf_counter()
@@ -226,7 +225,7 @@ def sweep_k(
     notices: list[str] = []
     n_actors = 0
     bar = tqdm(
-        total=len(ks),
+        total=sum(len(group) for group in groups),
         desc="k sweep",
         unit=" k",
         file=sys.stderr,
