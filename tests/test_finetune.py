@@ -245,6 +245,26 @@ def _trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / TRAINABLE_FILE))
 
 
+def test_a_finished_run_survives_any_number_of_reruns(ray_local, tiny_target, tmp_path):
+    """Rerunning a finished run (same name, same storage) restores it instead of training; its one final
+    checkpoint must outlive every rerun. Re-reporting that checkpoint under its own directory name made
+    the second rerun's num_to_keep delete the directory as the oldest result (FileNotFoundError)."""
+    sel = write_selection(tmp_path / "selected_data.jsonl", 16)
+    cfg = _cfg(tmp_path, tiny_target, sel, epochs=1)
+    first = run_finetune(cfg).runs["sel"]
+    want = _trained_tensors(Path(cfg.output_dir) / "sel")
+    checkpoint = Path(
+        json.loads((Path(cfg.output_dir) / "sel" / "_manifest.json").read_text())["extra"]["checkpoint"]
+    )
+    for _ in range(2):  # the second rerun deleted it
+        again = run_finetune(cfg).runs["sel"]
+        assert checkpoint.is_dir()
+        assert (again.steps, again.last_loss) == (first.steps, first.last_loss) == (2, first.losses[-1][1])
+        got = _trained_tensors(Path(cfg.output_dir) / "sel")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(p.name for p in checkpoint.parent.glob("checkpoint_0*")) == [checkpoint.name]
+
+
 @pytest.mark.pinned
 def test_logged_losses_are_pinned(trained):
     """The seeded tiny run is bit-reproducible on CPU: its logged losses are pinned (16 steps, 2 epochs)."""

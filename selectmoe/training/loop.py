@@ -404,11 +404,14 @@ def _train(spec: LoopSpec, device: torch.device) -> None:
             last_metrics = metrics
         epoch, step_in_epoch = epoch + 1, 0
     peak.stop()
-    if not last_metrics:  # resumed from a final checkpoint: report it again so the run has a result
+    if not last_metrics:
+        # Resumed from a final checkpoint: the run's result is that restored checkpoint with its metrics.
+        # Report metrics only: the checkpoint again, under its own directory name, would be a second result
+        # for the same directory, and Ray Train's num_to_keep deletes it as the oldest one on a later rerun.
         metrics = {"step": step, "epoch": round(step / per_epoch, 6), "tokens_seen": carry["tokens_seen"]}
         metrics.update(carry["before"])
         metrics.update(carry["last_eval"])
-        ckpt.report(metrics, with_ckpt=True, step=step, after=(epoch, 0), carry=carry)
+        ckpt.report(metrics, with_ckpt=False, step=step, after=(epoch, 0), carry=carry)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
