@@ -80,6 +80,52 @@ def per_question_acc(cfg, adapter_dir: str | None, seed: int) -> list[float]:
     return [float(s["acc"]) for s in samples]
 
 
+def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
+    """What the arms' known-bad shares compare with. The default policy samples inside the quality floor, so
+    its share is one seeded draw: its mean and sd over select seeds ``0..draws-1`` (same pool, clusters and
+    budget). The targeted arm concentrates on a few datasets, so it also gets the fewest known-bad rows any
+    ranking by the same score reaches at its dataset mix (each dataset's best-scored rows, as many as the arm
+    took from it), and per dataset it took from, the known-bad rows the floor lets through."""
+    import pyarrow.parquet as pq
+
+    from selectmoe.demo import read_demo_labels
+    from selectmoe.router_data import shard_paths
+    from selectmoe.selection.policies import budget_for, floor_rows, get_policy, id_ranks
+    from selectmoe.stages.select import ASSIGNMENTS, ranking_score, read_pool
+
+    pool = read_pool(shard_paths(sel_cfg.router_dir))
+    quality, rank = ranking_score(pool, sel_cfg), id_ranks(pool.ids)
+    ids = pool.ids.to_pylist()
+    labels = read_demo_labels(labels_path)
+    bad = np.array([labels[i] != "clean" for i in ids])
+    assign = pq.read_table(Path(sel_cfg.output_dir) / ASSIGNMENTS).to_pydict()
+    cluster_of = dict(zip(assign["id"], assign["cluster"]))
+    clusters = np.array([cluster_of[i] for i in ids])
+    budget = budget_for(len(ids), sel_cfg.selection_percentage)
+    policy = get_policy(sel_cfg.policy, quality_floor=sel_cfg.quality_floor)
+    shares = [float(bad[policy(quality, clusters, budget, ids=rank, seed=s)].mean()) for s in range(draws)]
+    row = {i: n for n, i in enumerate(ids)}
+    text = (Path(sel_cfg.output_dir) / "selected_targeted.jsonl").read_text()
+    picked = np.array([row[json.loads(x)["id"]] for x in text.splitlines() if x])
+    codes, floor = pool.dataset_codes, np.zeros(len(ids), dtype=bool)
+    floor[floor_rows(quality, rank, budget, sel_cfg.quality_floor)] = True
+    fewest, through = 0, {}
+    for code, count in zip(*np.unique(codes[picked], return_counts=True), strict=True):
+        rows = np.flatnonzero(codes == code)
+        fewest += int(bad[rows[np.lexsort((rank[rows], -quality[rows]))][:count]].sum())
+        name = pool.dataset_names[code]
+        through[name] = {"took": int(count), "floor_rows": int(floor[rows].sum()),
+                         "floor_bad": int((floor & bad)[rows].sum())}  # fmt: skip
+    return {
+        "default_draws": draws,
+        "default_mean": float(np.mean(shares)),
+        "default_sd": float(np.std(shares)),
+        "targeted": float(bad[picked].mean()),
+        "targeted_fewest_at_mix": fewest / len(picked),
+        "floor_by_dataset": through,
+    }
+
+
 def mmlu_cost(base, router: str, features: list[str], results: dict, seed: int, run: Path) -> dict:
     """MMLU dev (285 examples) as targets: the cost of scoring them (first call; then cached) and of the
     pool similarity, and each arm's mean best similarity to them."""
@@ -179,6 +225,7 @@ def main() -> int:
                 "select_s": wall,
                 "sets": figs["sets"],
                 "target": target,
+                "bad_share": bad_share_context(sel_cfg, labels),
             }
             files[f"default_{feat}"] = f"{sel_cfg.output_dir}/selected_data.jsonl"
             files[f"targeted_{feat}"] = f"{sel_cfg.output_dir}/selected_targeted.jsonl"
@@ -239,6 +286,15 @@ def main() -> int:
                           "mean sim. to the targets", f"acc ({scope})"], rows))  # fmt: skip
     for v in verdicts.values():
         print(v["text"])
+    for feat in args.features:
+        for seed in seeds:
+            c = results["features"][feat][seed]["bad_share"]
+            print(
+                f"known-bad share ({feat}, seed {seed}): default {c['default_mean']:.4f} (sd {c['default_sd']:.4f}"
+                f" over {c['default_draws']} select seeds), targeted {c['targeted']:.4f}, fewest at the targeted"
+                f" arm's dataset mix {c['targeted_fewest_at_mix']:.4f}; the floor lets through"
+                f" {c['floor_by_dataset']}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
     return 0

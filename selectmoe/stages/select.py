@@ -108,7 +108,7 @@ def _nan_none(v: float) -> float | None:
 
 
 @dataclass
-class _Pool:
+class PoolColumns:
     """The small columns select needs, as Arrow/numpy (no Python object per row)."""
 
     ids: pa.Array
@@ -122,13 +122,13 @@ class _Pool:
         return len(self.ids)
 
 
-def _read_pool(shards: list[Path]) -> _Pool:
+def read_pool(shards: list[Path]) -> PoolColumns:
     present = set(pq.read_schema(shards[0]).names)  # the gate and text signals are optional columns
     score_columns = [c for c in ("quality", *NLL_COLUMNS, *TEXT_COLUMNS) if c in present]
     table = read_columns(shards, ["id", "dataset", *score_columns])
     ds = pc.dictionary_encode(table.column("dataset")).combine_chunks()
     rows = shard_row_counts(shards)
-    return _Pool(
+    return PoolColumns(
         ids=table.column("id").combine_chunks(),
         dataset_codes=ds.indices.to_numpy().astype(np.int32),
         dataset_names=ds.dictionary.to_pylist(),
@@ -136,6 +136,12 @@ def _read_pool(shards: list[Path]) -> _Pool:
         shard_of=np.repeat(np.arange(len(shards), dtype=np.int32), rows),
         rows_per_shard=rows,
     )
+
+
+def ranking_score(pool: PoolColumns, cfg: SelectConfig) -> np.ndarray:
+    """Every row's ranking score, higher = better: ``select.score``, ranked within ``select.rank_within``."""
+    groups = rank_groups({"dataset": pool.dataset_codes}, cfg.rank_within)
+    return scorer_values(pool.scores, cfg.score, groups=groups)
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
@@ -151,7 +157,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     router_shape(shards)
     widths = feature_widths(shards)
     columns = resolve_features(cfg.features, widths)
-    pool = _read_pool(shards)
+    pool = read_pool(shards)
     n = len(pool)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
@@ -219,8 +225,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
 
     t1 = time.perf_counter()
     # the ranking score, higher = better (see selection/scorers.py)
-    groups = rank_groups({"dataset": pool.dataset_codes}, cfg.rank_within)
-    quality = scorer_values(pool.scores, cfg.score, groups=groups)
+    quality = ranking_score(pool, cfg)
     rank = id_ranks(pool.ids)
     budget = budget_for(n, cfg.selection_percentage)
     arms = [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
