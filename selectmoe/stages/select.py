@@ -123,6 +123,7 @@ class PoolColumns:
 
 
 def read_pool(shards: list[Path]) -> PoolColumns:
+    """Every router-data row's id, dataset and score columns in one Arrow read: what ranking needs."""
     present = set(pq.read_schema(shards[0]).names)  # the gate and text signals are optional columns
     score_columns = [c for c in ("quality", *NLL_COLUMNS, *TEXT_COLUMNS) if c in present]
     table = read_columns(shards, ["id", "dataset", *score_columns])
