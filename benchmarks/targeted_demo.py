@@ -143,6 +143,7 @@ def _auc(quality: np.ndarray, kinds: np.ndarray) -> float | None:
 
 
 def print_bad_share_context(results: dict, features: list[str], seeds: list[int]) -> None:
+    """One line per feature choice and seed: the known-bad shares beside what they compare with."""
     for feat in features:
         for seed in seeds:
             c = results["features"][feat][seed]["bad_share"]
