@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+POLICIES = ("targeted", "rds")  # the targeted arms, each against the untargeted default
+
 
 def skill_targets(demo_dir: Path, skills: list[str], out: Path) -> str:
     """A target JSONL of the demo's few-shot examples of ``skills`` (task = skill); its path."""
@@ -244,7 +246,7 @@ def main() -> int:
                 k=k,
                 seed=seed,
                 features=feat,
-                baselines=["random", "targeted"],
+                baselines=["random", *POLICIES],
                 target=[demo_target],
                 plots=False,
             )
@@ -260,7 +262,8 @@ def main() -> int:
                 "bad_share": bad_share_context(sel_cfg, labels),
             }
             files[f"default_{feat}"] = f"{sel_cfg.output_dir}/selected_data.jsonl"
-            files[f"targeted_{feat}"] = f"{sel_cfg.output_dir}/selected_targeted.jsonl"
+            for policy in POLICIES:
+                files[f"{policy}_{feat}"] = f"{sel_cfg.output_dir}/selected_{policy}.jsonl"
             files.setdefault("random", f"{sel_cfg.output_dir}/selected_random.jsonl")
         if args.select_only:
             continue
@@ -299,20 +302,21 @@ def main() -> int:
     rows = []
     verdicts = {}
     for feat in args.features:
-        for policy in ("default", "targeted"):
+        for policy in ("default", *POLICIES):
             arm = f"{policy}_{feat}"
             sets = [results["features"][feat][s]["sets"] for s in seeds]
-            name = "selected" if policy == "default" else "targeted"
+            name = "selected" if policy == "default" else policy
             acc = float(np.mean([np.mean(a) for a in arm_acc(arm)]))
             sim = [results["features"][feat][s]["target"]["mean_similarity"][name] for s in seeds]
             rows.append([feat, policy, f"{np.mean([x[name]['bad_share'] for x in sets]):.3f}",
                          f"{np.mean([x[name]['coverage'] for x in sets]):.2f}",
                          f"{np.mean([np.mean(list(x.values())) for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
-        diff = paired_difference(arm_acc(f"targeted_{feat}"), arm_acc(f"default_{feat}"))
-        verdicts[feat] = {
-            **diff.as_dict(),
-            "text": paired_verdict(diff, f"targeted ({feat})", f"default ({feat})"),
-        }
+        for policy in POLICIES:
+            diff = paired_difference(arm_acc(f"{policy}_{feat}"), arm_acc(f"default_{feat}"))
+            verdicts[f"{policy}_{feat}"] = {
+                **diff.as_dict(),
+                "text": paired_verdict(diff, f"{policy} ({feat})", f"default ({feat})"),
+            }
     for arm in ("random", "base"):
         rows.append([arm, "", "", "", "", f"{np.mean([np.mean(a) for a in arm_acc(arm)]):.3f}"])
     results["verdicts"] = verdicts

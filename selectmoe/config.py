@@ -178,7 +178,8 @@ class SelectConfig:
     # over clusters (plain round_robin gives clusters of bad rows the same quota; best-first inside the floor
     # takes the rows the model already knows) | quality_round_robin: the same floor, each cluster's best
     # first | round_robin | proportional | top_k | random | targeted: inside the same quality floor,
-    # round-robin over the target tasks by similarity (`target`)
+    # round-robin over the target tasks (`target`), each its neighbourhood sampled as quality_sample does,
+    # then its nearest rows | rds: the same round-robin, nearest rows first (RDS+ as published)
     policy: str = "quality_sample"
     quality_floor: float = 0.5  # share of the pool eligible for the floor policies (>= selection_percentage)
     # dataset: rank each row's score among the rows of its own `dataset` (sources differ in how predictable
@@ -205,7 +206,7 @@ class SelectConfig:
     seed: int = 42
     baselines: list[str] = field(default_factory=lambda: ["random", "top_k"])  # same budget
     plots: bool = True
-    # Target examples for policy `targeted` (RDS+): JSONL files of conversations and/or eval tasks' few-shot
+    # Target examples for the policies `targeted` and `rds`: JSONL files of conversations and/or eval tasks' few-shot
     # examples (selectmoe_demo=DIR, mmlu[=DIR], bbh=DIR, tydiqa=DIR; selection/targets.py); empty: untargeted
     target: list[str] = field(default_factory=list)
 
@@ -306,6 +307,7 @@ _POLICIES = (
     "top_k",
     "random",
     "targeted",
+    "rds",
 )
 _SCORERS = (  # selection/scorers.py SCORERS (config stays free of heavy imports)
     *("gate", "response_nll", "sample_nll", "ifd", "rep_ratio", "char_rep_ratio", "copy_ratio"),
@@ -484,9 +486,10 @@ def _validate(cfg: PipelineConfig) -> None:
     bad_baselines = [b for b in cfg.select.baselines if b not in _POLICIES]
     if bad_baselines:
         raise ValueError(f"select.baselines: unknown policy {bad_baselines}; one of {list(_POLICIES)}")
-    if "targeted" in (cfg.select.policy, *cfg.select.baselines) and not cfg.select.target:
+    targeted = sorted({"targeted", "rds"} & {cfg.select.policy, *cfg.select.baselines})
+    if targeted and not cfg.select.target:
         raise ValueError(
-            "select.target: empty, but select.policy/baselines name `targeted` (it needs targets)"
+            f"select.target: empty, but select.policy/baselines name {targeted} (they need targets)"
         )
     if not 0 < cfg.select.quality_floor <= 1:
         raise ValueError(f"select.quality_floor must be in (0, 1], got {cfg.select.quality_floor}")

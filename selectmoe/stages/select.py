@@ -58,7 +58,7 @@ from selectmoe.router_data import (
 )
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy, id_ranks
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
-from selectmoe.selection.targeted import TARGETED, targeted_round_robin
+from selectmoe.selection.targeted import RDS, TARGET_POLICIES, TARGETED, nearest_round_robin, targeted_sample
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 from selectmoe.stages.contract import check_inputs
 from selectmoe.stages.select_targets import target_similarity
@@ -162,9 +162,10 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     n = len(pool)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
-    if TARGETED in (cfg.policy, *cfg.baselines) and not cfg.target:
+    targeted = sorted(set(TARGET_POLICIES) & {cfg.policy, *cfg.baselines})
+    if targeted and not cfg.target:
         raise ValueError(
-            "select.policy=targeted needs select.target (target examples: a JSONL or an eval task)"
+            f"select.policy/baselines {targeted} need select.target (target examples: a JSONL or an eval task)"
         )
     if cfg.score not in available_scorers(pool.scores):
         raise ValueError(
@@ -231,18 +232,22 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     budget = budget_for(n, cfg.selection_percentage)
     arms = [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
     target = target_similarity(cfg, shards, columns, widths, n) if cfg.target else None
-    picks = {
-        name: (
-            targeted_round_robin(
+
+    def pick(policy: str) -> np.ndarray:
+        if policy == TARGETED:
+            return targeted_sample(
+                quality, labels, target.similarity, target.thresholds, budget,
+                ids=rank, seed=seed, quality_floor=cfg.quality_floor,
+            )  # fmt: skip
+        if policy == RDS:
+            return nearest_round_robin(
                 quality, target.similarity, budget, ids=rank, quality_floor=cfg.quality_floor
             )
-            if policy == TARGETED
-            else get_policy(policy, quality_floor=cfg.quality_floor)(
-                quality, labels, budget, ids=rank, seed=seed
-            )
+        return get_policy(policy, quality_floor=cfg.quality_floor)(
+            quality, labels, budget, ids=rank, seed=seed
         )
-        for name, policy in arms
-    }
+
+    picks = {name: pick(policy) for name, policy in arms}
     wanted = np.unique(np.concatenate([idx for idx in picks.values()])) if picks else np.zeros(0, np.int64)
     ids = dict(zip(wanted.tolist(), pool.ids.take(pa.array(wanted)).to_pylist()))
     datasets = {int(r): pool.dataset_names[c] for r, c in zip(wanted, pool.dataset_codes[wanted])}

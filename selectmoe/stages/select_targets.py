@@ -123,11 +123,13 @@ def score_targets(specs: list[str], router_dir: str | Path) -> TargetFeatures:
 
 @dataclass
 class TargetSimilarity:
-    """Per pool row, its best cosine similarity to each target task (``similarity [N, tasks]``)."""
+    """Per pool row, its best cosine similarity to each target task (``similarity [N, tasks]``), and each
+    task's neighbourhood threshold (:func:`~selectmoe.selection.targeted.neighbourhood_thresholds`)."""
 
     features: str
     target: TargetFeatures
     similarity: np.ndarray
+    thresholds: np.ndarray
     similarity_s: float
 
     def summary(self, picks: dict[str, np.ndarray]) -> dict:
@@ -137,6 +139,12 @@ class TargetSimilarity:
             **self.target.summary(),
             "features": self.features,
             "similarity_s": round(self.similarity_s, 3),
+            "neighbourhood": {
+                task: {"threshold": float(thr) if np.isfinite(thr) else None, "pool_rows": int(count)}
+                for task, thr, count in zip(
+                    tasks, self.thresholds, (self.similarity >= self.thresholds).sum(axis=0), strict=True
+                )
+            },
             "mean_similarity": {
                 "pool": dict(zip(tasks, np.round(self.similarity.mean(axis=0), 6).tolist())),
                 **{
@@ -153,6 +161,7 @@ def target_similarity(cfg, shards: list[Path], columns: list[str], widths: dict[
     ``columns`` (select's resolved ``select.features``), streamed over the router-data ``shards``
     (:func:`selectmoe.selection.similarity.pool_similarity`)."""
     from selectmoe.selection.similarity import pool_similarity, unit_rows
+    from selectmoe.selection.targeted import neighbourhood_thresholds
 
     target = score_targets(list(cfg.target), cfg.router_dir)
     missing = [c for c in columns if c not in target.columns]
@@ -165,4 +174,5 @@ def target_similarity(cfg, shards: list[Path], columns: list[str], widths: dict[
     sim = pool_similarity(shards, columns, widths, rows, target.targets.task_of, len(tasks))
     if len(sim) != n:
         raise RuntimeError(f"{len(sim)} similarity rows for {n} pool rows")
-    return TargetSimilarity("+".join(columns), target, sim, time.perf_counter() - t0)
+    thresholds = neighbourhood_thresholds(rows, target.targets.task_of, len(tasks))
+    return TargetSimilarity("+".join(columns), target, sim, thresholds, time.perf_counter() - t0)
