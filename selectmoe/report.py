@@ -469,6 +469,8 @@ RUN_LABELS = {
     "top_k": "top-k by score, same budget",
     "proportional": "proportional, same budget",
     "quality_round_robin": "quality floor, each cluster's best first, same budget",
+    "targeted": "targeted: each target task's neighbourhood, sampled, same budget",
+    "rds": "RDS+: nearest to the targets first, same budget",
     "full_pool": "full pool",
 }
 RUN_SHORT = {

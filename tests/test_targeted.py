@@ -1,4 +1,4 @@
-"""Targeted selection (RDS+): the policy's values, the target-examples loader, streaming similarity, and
+"""Targeted selection (targeted, rds): the policies' values, the target-examples loader, streaming similarity, and
 one end-to-end select with targets on a tiny scored pool."""
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_words import WORDS
 
+from selectmoe.selection.policies import quality_sample
 from selectmoe.selection.similarity import pool_similarity, unit_rows
-from selectmoe.selection.targeted import best_similarity, targeted_round_robin
+from selectmoe.selection.targeted import (
+    best_similarity,
+    nearest_round_robin,
+    neighbourhood_thresholds,
+    targeted_sample,
+)
 from selectmoe.selection.targets import TargetError, load_targets
 
 # --------------------------------------------------------------------------------------------- policy
@@ -35,31 +41,68 @@ SIM = np.array(
 
 
 def test_round_robin_over_tasks_inside_the_quality_floor():
-    picked = targeted_round_robin(SCORES, SIM, 4, quality_floor=0.5).tolist()
+    picked = nearest_round_robin(SCORES, SIM, 4, quality_floor=0.5).tolist()
     # t0 -> 3 (0.90), t1 -> 4 (0.95), t0 -> 0 (0.80), t1 -> 1 (0.30: 3 and 4 already taken)
     assert picked == [3, 4, 0, 1]
-    assert 2 not in targeted_round_robin(SCORES, SIM, 5, quality_floor=0.5)
+    assert 2 not in nearest_round_robin(SCORES, SIM, 5, quality_floor=0.5)
     # every eligible row, then no more (the floor holds 5 rows, the budget asks 5)
-    assert targeted_round_robin(SCORES, SIM, 5, quality_floor=0.5).tolist() == [3, 4, 0, 1, 9]
+    assert nearest_round_robin(SCORES, SIM, 5, quality_floor=0.5).tolist() == [3, 4, 0, 1, 9]
 
 
 def test_floor_one_lets_the_near_target_row_in_and_budget_widens_the_floor():
-    assert targeted_round_robin(SCORES, SIM, 3, quality_floor=1.0).tolist() == [2, 4, 3]
+    assert nearest_round_robin(SCORES, SIM, 3, quality_floor=1.0).tolist() == [2, 4, 3]
     # budget 7 > 50% of 10: the 7 best by score are eligible (row 2 still is not)
-    picked = targeted_round_robin(SCORES, SIM, 7, quality_floor=0.5).tolist()
+    picked = nearest_round_robin(SCORES, SIM, 7, quality_floor=0.5).tolist()
     assert picked == [3, 4, 0, 5, 6, 1, 9]
 
 
 def test_ties_by_id_and_task_order():
     scores = np.ones(4)
     sim = np.array([[0.5], [0.5], [0.9], [0.5]])
-    assert targeted_round_robin(scores, sim, 3, ids=["d", "b", "z", "a"], quality_floor=1.0).tolist() == [
+    assert nearest_round_robin(scores, sim, 3, ids=["d", "b", "z", "a"], quality_floor=1.0).tolist() == [
         2,
         3,
         1,
     ]
     with pytest.raises(ValueError, match="shape"):
-        targeted_round_robin(scores, sim[:3], 2)
+        nearest_round_robin(scores, sim[:3], 2)
+
+
+LABELS = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])  # two clusters
+
+
+def test_neighbourhood_threshold_is_the_least_similarity_of_an_example_to_its_nearest_sibling():
+    c, s = np.cos(np.radians([10, 30])), np.sin(np.radians([10, 30]))
+    rows = np.array([[1, 0], [c[0], s[0]], [c[1], -s[1]], [0, 1], [-1, 0]], np.float32)
+    # task 0: examples at 0, +10 and -30 degrees: nearest siblings at 10, 10 and 30 degrees -> cos 30;
+    # task 1: one example (no spread to measure); task 2: none
+    got = neighbourhood_thresholds(rows, [0, 0, 0, 1], 3)
+    np.testing.assert_allclose(got, [np.cos(np.radians(30)), np.inf, np.inf], rtol=1e-6)
+
+
+def test_targeted_sample_is_the_default_when_the_whole_floor_is_near_the_target():
+    sim = SIM[:, :1]
+    for seed in range(5):
+        want = quality_sample(SCORES, LABELS, 4, seed=seed, quality_floor=0.5)
+        got = targeted_sample(SCORES, LABELS, sim, [0.0], 4, seed=seed, quality_floor=0.5)
+        assert got.tolist() == want.tolist()
+    # with no neighbourhood it is RDS+'s nearest-first round-robin
+    for seed in range(5):
+        got = targeted_sample(SCORES, LABELS, SIM, [np.inf, np.inf], 5, seed=seed, quality_floor=0.5)
+        assert got.tolist() == nearest_round_robin(SCORES, SIM, 5, quality_floor=0.5).tolist()
+
+
+def test_targeted_sample_takes_the_neighbourhood_in_sampled_order_then_the_nearest_rows():
+    # floor rows 0, 1, 3, 4, 9; task 0's neighbourhood (>= 0.8): rows 0 (cluster 0) and 3 (cluster 1);
+    # task 1's (>= 0.9): row 4. t0 -> 0 (cluster 0 first in a round), t1 -> 4, t0 -> 3, t1 -> 1 (3 is
+    # taken; nearest left 0.30), t0 -> 9 (nearest left 0.30)
+    for seed in range(3):
+        got = targeted_sample(SCORES, LABELS, SIM, [0.8, 0.9], 5, seed=seed, quality_floor=0.5)
+        assert got.tolist() == [0, 4, 3, 1, 9]
+    # row 2 is nearest to both tasks and below the floor: never taken, whatever the threshold
+    assert 2 not in targeted_sample(SCORES, LABELS, SIM, [0.0, 0.0], 5, seed=1, quality_floor=0.5)
+    with pytest.raises(ValueError, match="thresholds"):
+        targeted_sample(SCORES, LABELS, SIM, [0.5], 5)
 
 
 def test_best_similarity_and_feature_rows_values():
@@ -239,7 +282,7 @@ def test_select_with_targets_end_to_end(tmp_path, ray_local):
         rank_within="pool",
         k=2,
         plots=False,
-        baselines=["targeted"],
+        baselines=["targeted", "rds"],
         target=[str(targets)],
         seed=0,
     )
@@ -250,8 +293,13 @@ def test_select_with_targets_end_to_end(tmp_path, ray_local):
     assert len(sel) == 6
     # tasks t0, t1 (inside the floor) take their own rows first (similarity 1); t2, t3 (outside) cannot
     assert sel[:2] == inside and not set(outside) & set(sel)
+    # one example a task: no neighbourhood to sample, so targeted is RDS+'s nearest-first order
+    assert (tmp_path / "sel" / "selected_rds.jsonl").read_text() == (
+        tmp_path / "sel" / "selected_targeted.jsonl"
+    ).read_text()
     info = json.loads((tmp_path / "sel" / "selection.json").read_text())["target"]
     assert info["tasks"] == {"t0": 1, "t1": 1, "t2": 1, "t3": 1} and info["cached"] is False
+    assert info["neighbourhood"]["t0"] == {"threshold": None, "pool_rows": 0}
     assert info["mean_similarity"]["targeted"]["t0"] > info["mean_similarity"]["pool"]["t0"]
     # the target scores are cached by examples + model + code: a second select reuses them
     run_select(cfg)
@@ -288,9 +336,11 @@ def test_targeted_policy_without_targets_is_refused_at_load():
     from selectmoe.config import load_config
 
     with pytest.raises(
-        ValueError, match=r"^select\.target: empty, but select\.policy/baselines name `targeted`"
+        ValueError, match=r"^select\.target: empty, but select\.policy/baselines name \['targeted'\]"
     ):
         load_config(None, ["select.baselines=[random,targeted]"])
+    with pytest.raises(ValueError, match=r"name \['rds', 'targeted'\] \(they need targets\)"):
+        load_config(None, ["select.policy=rds", "select.baselines=[targeted]"])
     cfg = load_config(None, ['select.target=["a.jsonl"]', "select.policy=targeted", "select.features=both"])
     assert (cfg.select.policy, cfg.select.target, cfg.select.features) == ("targeted", ["a.jsonl"], "both")
 
