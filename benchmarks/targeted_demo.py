@@ -153,8 +153,8 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
 
 
 def _mean_interval(x: np.ndarray) -> list[float]:
-    """[mean, low, high]: a normal 95% interval of the mean of ``x``."""
-    half = 1.96 * float(np.std(x, ddof=1)) / np.sqrt(len(x))
+    """[mean, low, high]: a normal 95% interval of the mean of ``x`` (no interval from one value)."""
+    half = 1.96 * float(np.std(x, ddof=1)) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
     return [float(np.mean(x)), float(np.mean(x)) - half, float(np.mean(x)) + half]
 
 

@@ -486,6 +486,7 @@ def _validate(cfg: PipelineConfig) -> None:
     bad_baselines = [b for b in cfg.select.baselines if b not in _POLICIES]
     if bad_baselines:
         raise ValueError(f"select.baselines: unknown policy {bad_baselines}; one of {list(_POLICIES)}")
+    # selection/targeted.py TARGET_POLICIES (config stays free of heavy imports)
     targeted = sorted({"targeted", "rds"} & {cfg.select.policy, *cfg.select.baselines})
     if targeted and not cfg.select.target:
         raise ValueError(

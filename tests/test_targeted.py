@@ -78,6 +78,8 @@ def test_neighbourhood_threshold_is_the_least_similarity_of_an_example_to_its_ne
     # task 1: one example (no spread to measure); task 2: none
     got = neighbourhood_thresholds(rows, [0, 0, 0, 1], 3)
     np.testing.assert_allclose(got, [np.cos(np.radians(30)), np.inf, np.inf], rtol=1e-6)
+    # an example given twice is its own nearest sibling: only the duplicates -> 1 (nearest-first)
+    np.testing.assert_allclose(neighbourhood_thresholds(rows[[0, 0]], [0, 0], 1), [1.0], rtol=1e-6)
 
 
 def test_targeted_sample_is_the_default_when_the_whole_floor_is_near_the_target():

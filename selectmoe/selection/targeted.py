@@ -9,8 +9,8 @@ target):
 - ``rds`` (:func:`nearest_round_robin`): RDS+ (Ivison et al. 2025) as published: each task takes its most
   similar row not yet taken.
 - ``targeted`` (:func:`targeted_sample`): each task first takes its *neighbourhood*, the rows at least as
-  near one of its examples as its examples are to one another (:func:`neighbourhood_thresholds`), in the
-  default policy's order (a seeded sample spread over the clusters); then, past it, the nearest rows.
+  near one of its examples as its least typical example is to the rest (:func:`neighbourhood_thresholds`),
+  in the default policy's order (a seeded sample spread over the clusters); then, past it, the nearest rows.
 
 Why the neighbourhood: the target says *where* in the pool to select, not which rows there. Nearest-first
 takes the rows most like the few target examples, and on the demo that costs accuracy against the default's
@@ -51,8 +51,10 @@ def best_similarity(pool_rows: np.ndarray, target_rows: np.ndarray, target_task:
 def neighbourhood_thresholds(target_rows: np.ndarray, target_task, n_tasks: int) -> np.ndarray:
     """float32 ``[n_tasks]``: per task, the lowest similarity of one of its examples to its nearest other
     example of the task. A pool row whose best similarity to the task reaches it is as near the task as the
-    task's own examples are to one another. A task with one example has no spread to measure: ``inf`` (no
-    neighbourhood; :func:`targeted_sample` takes its rows nearest first)."""
+    task's least typical example is to the rest. The minimum, so one outlying example widens the
+    neighbourhood (toward the default's sample, the safe side); an example given twice is its own nearest
+    sibling (similarity 1). A task with one example has no spread to measure: ``inf`` (no neighbourhood;
+    :func:`targeted_sample` takes its rows nearest first)."""
     rows = np.asarray(target_rows, np.float32)
     task = np.asarray(target_task, dtype=np.int64)
     out = np.full(n_tasks, np.inf, dtype=np.float32)

@@ -142,7 +142,10 @@ class TargetSimilarity:
             "neighbourhood": {
                 task: {"threshold": float(thr) if np.isfinite(thr) else None, "pool_rows": int(count)}
                 for task, thr, count in zip(
-                    tasks, self.thresholds, (self.similarity >= self.thresholds).sum(axis=0), strict=True
+                    tasks,
+                    self.thresholds,
+                    (np.isfinite(self.similarity) & (self.similarity >= self.thresholds)).sum(axis=0),
+                    strict=True,
                 )
             },
             "mean_similarity": {
