@@ -171,9 +171,21 @@ def quality_sample(
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
     eligible = floor_rows(scores, ids, budget, quality_floor)
-    keys = np.random.default_rng(seed).random(len(scores))[eligible]
-    picked = round_robin(keys, labels[eligible], budget)
-    return eligible[picked].astype(np.int64)
+    return sample_order(eligible, labels, sample_keys(len(scores), seed), budget)
+
+
+def sample_keys(n: int, seed: int) -> np.ndarray:
+    """One seeded uniform key per row, in row order: a row's key does not depend on which rows compete."""
+    return np.random.default_rng(seed).random(n)
+
+
+def sample_order(
+    rows: np.ndarray, labels: np.ndarray, keys: np.ndarray, budget: int | None = None
+) -> np.ndarray:
+    """The first ``budget`` (default all) of ``rows`` in :func:`quality_sample`'s order: highest
+    ``keys`` first inside each cluster of ``labels``, round-robin over the clusters."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[round_robin(keys[rows], labels[rows], len(rows) if budget is None else budget)]
 
 
 def cluster_mix(labels, indices, k: int) -> dict[str, float]:

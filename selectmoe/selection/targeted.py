@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from selectmoe.selection.policies import _check, floor_rows, id_ranks, round_robin
+from selectmoe.selection.policies import _check, floor_rows, id_ranks, sample_keys, sample_order
 
 TARGETED = "targeted"  # the policy names (select.policy / select.baselines)
 RDS = "rds"
@@ -148,11 +148,14 @@ def targeted_sample(
     rank = id_ranks(ids)
     tie = np.arange(n) if rank is None else rank
     eligible = floor_rows(scores, rank, budget, quality_floor)
-    keys = np.random.default_rng(seed).random(n)  # the draws quality_sample makes with this seed
+    keys = sample_keys(n, seed)  # quality_sample's keys: one draw, shared by every task
     orders = []
     for t, threshold in enumerate(thresholds):
         near = similarity[eligible, t] >= threshold
         inside, outside = eligible[near], eligible[~near]
-        spread = inside[round_robin(keys[inside], labels[inside], len(inside))]
-        orders.append(np.concatenate([spread, _nearest_first(outside, similarity[:, t], tie)]))
+        orders.append(
+            np.concatenate(
+                [sample_order(inside, labels, keys), _nearest_first(outside, similarity[:, t], tie)]
+            )
+        )
     return _take_round_robin(orders, budget, n)
