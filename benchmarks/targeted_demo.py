@@ -19,7 +19,9 @@ skills' few-shot examples (one target task per skill, so the round-robin alterna
 every arm is scored on those skills' test questions only. Beside each arm's known-bad share: the default's
 and the targeted policy's over 200 select seeds (both sample inside the floor), the fewest any ranking by the same score reaches at the
 targeted arm's dataset mix, and what the floor lets through per dataset (:func:`bad_share_context`).
-``--select-only``: those selection figures without the finetunes.
+``--select-only``: those selection figures without the finetunes. ``--one-answer-per-prompt``: every arm
+with ``select.one_answer_per_prompt=true`` (outputs under ``<run>/targeted_one_answer``), plus the default
+without it (arm ``every_answer``), so the rule's own effect is paired too.
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     from selectmoe.cluster.features import resolve_features
     from selectmoe.demo import read_demo_labels
     from selectmoe.router_data import feature_widths, shard_paths
-    from selectmoe.selection.policies import budget_for, floor_rows, get_policy, id_ranks
-    from selectmoe.selection.targeted import targeted_sample
-    from selectmoe.stages.select import ASSIGNMENTS, ranking_score, read_pool
+    from selectmoe.selection.policies import budget_for, floor_rows, id_ranks
+    from selectmoe.selection.prompts import one_answer_per_prompt
+    from selectmoe.stages.select import ASSIGNMENTS, apply_policy, ranking_score, read_pool
     from selectmoe.stages.select_targets import target_similarity
 
-    pool = read_pool(shard_paths(sel_cfg.router_dir))
+    rule = sel_cfg.one_answer_per_prompt
+    pool = read_pool(shard_paths(sel_cfg.router_dir), prompt_keys=rule)
     quality, rank = ranking_score(pool, sel_cfg), id_ranks(pool.ids)
+    kept = one_answer_per_prompt(pool.prompt_keys, quality, rank).kept if rule else None
     ids = pool.ids.to_pylist()
     labels = read_demo_labels(labels_path)
     kinds = np.array([labels[i] for i in ids])
@@ -115,16 +119,19 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     cluster_of = dict(zip(assign["id"], assign["cluster"]))
     clusters = np.array([cluster_of[i] for i in ids])
     budget = budget_for(len(ids), sel_cfg.selection_percentage)
-    policy = get_policy(sel_cfg.policy, quality_floor=sel_cfg.quality_floor)
-    shares = [float(bad[policy(quality, clusters, budget, ids=rank, seed=s)].mean()) for s in range(draws)]
     shards = shard_paths(sel_cfg.router_dir)
     widths = feature_widths(shards)
     near = target_similarity(sel_cfg, shards, resolve_features(sel_cfg.features, widths), widths, len(ids))
-    targeted = [
-        float(bad[targeted_sample(quality, clusters, near.similarity, near.thresholds, budget, ids=rank, seed=s,
-                                  quality_floor=sel_cfg.quality_floor)].mean())
-        for s in range(draws)
-    ]  # fmt: skip
+
+    def share(policy: str, seed: int, rows=kept) -> float:
+        picked = apply_policy(policy, quality, clusters, budget, ranks=rank, seed=seed,
+                              quality_floor=sel_cfg.quality_floor, target=near, rows=rows)  # fmt: skip
+        return float(bad[picked].mean())
+
+    shares = [share(sel_cfg.policy, s) for s in range(draws)]
+    targeted = [share("targeted", s) for s in range(draws)]
+    # with the rule on: the default without it too (what the rule itself changes)
+    every = [share(sel_cfg.policy, s, rows=None) for s in range(draws)] if rule else None
     row = {i: n for n, i in enumerate(ids)}
     text = (Path(sel_cfg.output_dir) / "selected_targeted.jsonl").read_text()
     picked = np.array([row[json.loads(x)["id"]] for x in text.splitlines() if x])
@@ -138,6 +145,13 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
         through[name] = {"took": int(count), "floor_rows": int(floor[rows].sum()),
                          "floor_bad": int((floor & bad)[rows].sum()),
                          "wrong_answer_auc": _auc(quality[rows], kinds[rows])}  # fmt: skip
+    versus = {}
+    if every is not None:
+        versus = {
+            "every_answer_mean": float(np.mean(every)),
+            "targeted_vs_every_answer": _mean_interval(np.subtract(targeted, every)),
+            "default_vs_every_answer": _mean_interval(np.subtract(shares, every)),
+        }
     return {
         "default_draws": draws,
         "default_mean": float(np.mean(shares)),
@@ -149,6 +163,7 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
         "paired_draws": _mean_interval(np.subtract(targeted, shares)),
         "targeted_fewest_at_mix": fewest / len(picked),
         "floor_by_dataset": through,
+        **versus,
     }
 
 
@@ -181,6 +196,13 @@ def print_bad_share_context(results: dict, features: list[str], seeds: list[int]
                 f" arm's dataset mix {c['targeted_fewest_at_mix']:.4f}; the floor lets through"
                 f" {c['floor_by_dataset']}"
             )
+            if "every_answer_mean" in c:
+                tv, dv = c["targeted_vs_every_answer"], c["default_vs_every_answer"]
+                print(
+                    f"  without one_answer_per_prompt the default's is {c['every_answer_mean']:.4f}: targeted - it"
+                    f" {tv[0]:+.4f} (95% {tv[1]:+.4f} to {tv[2]:+.4f}), default - it {dv[0]:+.4f}"
+                    f" ({dv[1]:+.4f} to {dv[2]:+.4f})"
+                )
 
 
 def mmlu_cost(base, router: str, features: list[str], results: dict, seed: int, run: Path) -> dict:
@@ -231,6 +253,11 @@ def main() -> int:
     ap.add_argument(
         "--select-only", action="store_true", help="selections and known-bad figures, no finetune"
     )
+    ap.add_argument(
+        "--one-answer-per-prompt",
+        action="store_true",
+        help="select.one_answer_per_prompt=true for every arm, plus the default without it (`every_answer`)",
+    )
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
@@ -248,7 +275,9 @@ def main() -> int:
     k = json.loads((Path(base.select.output_dir) / "selection.json").read_text())["chosen_k"]
     labels = Path(base.demo.dir) / "pool_labels.jsonl"
     demo_dir = Path(base.demo.dir)
-    root = run / "targeted" / ("skills_" + "_".join(args.skills) if args.skills else "")
+    root = run / ("targeted_one_answer" if args.one_answer_per_prompt else "targeted")
+    root = root / ("skills_" + "_".join(args.skills) if args.skills else "")
+    extra = ("every_answer",) if args.one_answer_per_prompt else ()  # the default without the rule
     if args.skills:
         demo_target = skill_targets(demo_dir, args.skills, root / "targets.jsonl")
         keep = [s in args.skills for s in question_skills(demo_dir)]
@@ -275,10 +304,18 @@ def main() -> int:
                 baselines=["random", *POLICIES],
                 target=[demo_target],
                 plots=False,
+                one_answer_per_prompt=args.one_answer_per_prompt,
             )
             t0 = time.perf_counter()
             run_select(sel_cfg)
             wall = time.perf_counter() - t0
+            if extra:
+                every_cfg = dataclasses.replace(
+                    sel_cfg, output_dir=f"{sel_cfg.output_dir}_every_answer", baselines=[],
+                    one_answer_per_prompt=False,
+                )  # fmt: skip
+                run_select(every_cfg)
+                files[f"every_answer_{feat}"] = f"{every_cfg.output_dir}/selected_data.jsonl"
             figs = demo_figures(router, sel_cfg.output_dir, labels)
             target = json.loads((Path(sel_cfg.output_dir) / "selection.json").read_text())["target"]
             results["features"].setdefault(feat, {})[seed] = {
@@ -337,11 +374,20 @@ def main() -> int:
             rows.append([feat, policy, f"{np.mean([x[name]['bad_share'] for x in sets]):.3f}",
                          f"{np.mean([x[name]['coverage'] for x in sets]):.2f}",
                          f"{np.mean([np.mean(list(x.values())) for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
-        for policy in POLICIES:
+        for arm in extra:
+            acc = float(np.mean([np.mean(a) for a in arm_acc(f"{arm}_{feat}")]))
+            rows.append([feat, arm, "", "", "", f"{acc:.3f}"])
+        for policy in (*POLICIES, *extra):
             diff = paired_difference(arm_acc(f"{policy}_{feat}"), arm_acc(f"default_{feat}"))
             verdicts[f"{policy}_{feat}"] = {
                 **diff.as_dict(),
                 "text": paired_verdict(diff, f"{policy} ({feat})", f"default ({feat})"),
+            }
+        for arm in extra:  # the targeted arm against the default without the rule, too
+            diff = paired_difference(arm_acc(f"targeted_{feat}"), arm_acc(f"{arm}_{feat}"))
+            verdicts[f"targeted_vs_{arm}_{feat}"] = {
+                **diff.as_dict(),
+                "text": paired_verdict(diff, f"targeted ({feat})", f"{arm} default ({feat})"),
             }
     for arm in ("random", "base"):
         rows.append([arm, "", "", "", "", f"{np.mean([np.mean(a) for a in arm_acc(arm)]):.3f}"])

@@ -182,6 +182,10 @@ class SelectConfig:
     # then its nearest rows | rds: the same round-robin, nearest rows first (RDS+ as published)
     policy: str = "quality_sample"
     quality_floor: float = 0.5  # share of the pool eligible for the floor policies (>= selection_percentage)
+    # Of the rows that ask the same question (router data prompt_key: the same system and user turns), only
+    # the best-scored may be selected, by every policy but `random` (selection/prompts.py): two answers to
+    # one question are two targets for one input, and beside the right one a wrong one ranks lower
+    one_answer_per_prompt: bool = False
     # dataset: rank each row's score among the rows of its own `dataset` (sources differ in how predictable
     # a good answer is; a pool-wide scale cuts whole sources) | pool: one pool-wide ranking (the seed's)
     rank_within: str = "dataset"

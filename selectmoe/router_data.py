@@ -32,6 +32,9 @@ META_HIDDEN = b"selectmoe.hidden_dim"
 NLL_COLUMNS = ("response_nll", "sample_nll", "ifd")
 # Cheap text signals of the answer, from the tokens the score stage encodes (scoring/text_signals.py).
 TEXT_COLUMNS = ("rep_ratio", "char_rep_ratio", "copy_ratio", "answer_tokens")
+# int64, null without a question: a key of the question side of the conversation (data/records.py
+# prompt_key), equal for rows that ask the same thing (select.one_answer_per_prompt).
+PROMPT_KEY = "prompt_key"
 # Feature columns select can cluster on (fixed_size_list<float16>); see select.features.
 FEATURE_COLUMNS = ("routing", "hidden")
 # A row group is written once this many rows (or ROW_GROUP_BYTES of features) are buffered.
@@ -54,6 +57,7 @@ def router_schema(num_layers: int, num_experts: int, *, gate: bool = True, hidde
         ("sample_nll", pa.float32()),
         ("ifd", pa.float32()),
         *((c, pa.float32()) for c in TEXT_COLUMNS),
+        (PROMPT_KEY, pa.int64()),
         *([("quality_layers", pa.list_(pa.float32(), num_layers))] if gate else []),
         *([("routing", pa.list_(pa.float16(), num_layers * num_experts))] if num_experts else []),
         *([("hidden", pa.list_(pa.float16(), hidden_dim))] if hidden_dim else []),
@@ -108,7 +112,8 @@ class RouterDataWriter:
         """``columns``: id, dataset (lists of str), n_tokens [B], truncated [B], full_tokens [B] (optional,
         default n_tokens); with a gate quality [B] and quality_layers [B, L]; for an MoE routing [B, L*E]
         or [B, L, E]; with ``hidden_dim`` hidden [B, D] (all float); optional :data:`NLL_COLUMNS` and
-        :data:`TEXT_COLUMNS` [B] (float, NaN when absent: not computed). float16 features are stored as they are; rows are buffered
+        :data:`TEXT_COLUMNS` [B] (float, NaN when absent: not computed) and :data:`PROMPT_KEY` [B] (int or None,
+        all None when absent). float16 features are stored as they are; rows are buffered
         into row groups of :data:`ROW_GROUP_ROWS` rows (or :data:`ROW_GROUP_BYTES`)."""
         n = len(columns["id"])
         if n == 0:
@@ -126,6 +131,13 @@ class RouterDataWriter:
                 for c in (*NLL_COLUMNS, *TEXT_COLUMNS)
             },
         }
+        key = columns.get(PROMPT_KEY)
+        if key is None:  # not computed
+            data[PROMPT_KEY] = pa.nulls(n, pa.int64())
+        elif isinstance(key, pa.Array):
+            data[PROMPT_KEY] = key.cast(pa.int64())
+        else:
+            data[PROMPT_KEY] = pa.array(list(key), pa.int64())
         if self.gate:
             data["quality"] = pa.array(np.asarray(columns["quality"], dtype=np.float32))
             layers = np.asarray(columns["quality_layers"], dtype=np.float32).reshape(n, self.num_layers)

@@ -12,6 +12,7 @@ import pytest
 from tiny_words import WORDS
 
 from selectmoe.config import ScoreConfig
+from selectmoe.data.records import prompt_key
 from selectmoe.router_data import load_router_data
 
 MAX_LENGTH = 40  # small, so some samples get truncated (flagged, never dropped)
@@ -242,6 +243,14 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
         assert stored[row["id"]] == pytest.approx(want, abs=1e-5)
         answer = hf_loss([m for m in messages if m["role"] == "assistant"], "assistant_only")
         assert stored_ifd[row["id"]] == pytest.approx(want / answer, rel=1e-5)
+    # the stored prompt key of every row of the shard == prompt_key of its messages (int64, exact)
+    keys = dict(
+        zip(data.ids, pa.concat_arrays([pq.read_table(p, columns=["prompt_key"])["prompt_key"].combine_chunks()
+                                        for p in data.shards]).to_pylist())
+    )  # fmt: skip
+    assert {r["id"]: keys[r["id"]] for r in pool_rows} == {
+        r["id"]: prompt_key(json.loads(r["messages"])) for r in pool_rows
+    }
     # every stored quality / response NLL of a shard == score_batch run directly on that id alone
     direct = _direct_score_batch(artefact)
     quality = dict(zip(data.ids, data.quality.tolist()))

@@ -105,6 +105,18 @@ def stable_id(dataset: str, messages: Sequence[Mapping[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def prompt_key(messages: Sequence[Mapping[str, Any]]) -> int | None:
+    """A signed 64-bit key of a conversation's question side: its system and user turns in order
+    (blake2b-8 of their canonical JSON). Two rows with one key ask the same thing; if their answers differ,
+    at most one is right (``select.one_answer_per_prompt``). ``None`` for a conversation with no such turn
+    (no question to share)."""
+    asked = [m for m in messages if m.get("role") != "assistant"]
+    if not asked:
+        return None
+    digest = hashlib.blake2b(canonical_messages(asked).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def excerpt(raw: Any, limit: int = RAW_EXCERPT) -> str:
     if not isinstance(raw, str):
         try:

@@ -5,7 +5,8 @@
     read_ingested(shard) + "_shard" column   (read tasks, one dataset per pending shard, unioned)
       -> encode_and_bucket                     (CPU tasks, its own stage so the next batches are ready
                                                 while the model runs: THE encoder with the selector's
-                                                EncodingSpec + the answer's text signals over a
+                                                EncodingSpec + the answer's text signals and the
+                                                question's prompt key over a
                                                 window of ``sort_window`` rows, sorted
                                                 by length and cut into ``batch_size``-row blocks -> little
                                                 padding, enough blocks for every replica)
@@ -25,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selectmoe.config import ScoreConfig
-from selectmoe.router_data import TEXT_COLUMNS
+from selectmoe.data.records import prompt_key
+from selectmoe.router_data import PROMPT_KEY, TEXT_COLUMNS
 from selectmoe.scoring.model import assistant_only, response_spec
 from selectmoe.scoring.records import shard_name
 from selectmoe.scoring.scorer import SHARD_COLUMN, RouterScorer
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 _PASS_COLUMNS = (
     "id", "dataset", "n_tokens", "truncated", "full_tokens", "input_ids", "labels", "response_labels",
-    "answer_input_ids", "answer_labels", SHARD_COLUMN, *TEXT_COLUMNS,
+    "answer_input_ids", "answer_labels", SHARD_COLUMN, PROMPT_KEY, *TEXT_COLUMNS,
 )  # fmt: skip
 
 
@@ -85,6 +87,7 @@ def encode_and_bucket(
     signals = text_signals(encoded.column("input_ids").to_pylist(), response_labels, answers, eos_id=eos_id)
     for name in TEXT_COLUMNS:
         encoded = encoded.append_column(name, pa.array(signals[name], pa.float32()))
+    encoded = encoded.append_column(PROMPT_KEY, pa.array([prompt_key(c) for c in conversations], pa.int64()))
     if ifd:
         answers = resp.encoder.encode_many([assistant_only(c) for c in conversations])
         encoded = encoded.append_column(

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selectmoe.data.encoding import pad_columns
-from selectmoe.router_data import TEXT_COLUMNS
+from selectmoe.router_data import PROMPT_KEY, TEXT_COLUMNS
 from selectmoe.scoring.model import answer_only_nll, resolve_dtype, score_batch
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class RouterScorer:
             "sample_nll": pa.array(stats["sample_nll"].astype(np.float32)),
             "ifd": pa.array(ifd.astype(np.float32)),
         }
-        for name in TEXT_COLUMNS:  # computed by the encode tasks (scoring/text_signals.py)
+        for name in (*TEXT_COLUMNS, PROMPT_KEY):  # computed by the encode tasks (scoring/dataset.py)
             if name in batch.column_names:
                 columns[name] = batch.column(name)
         if "quality" in stats:  # a Select-MoE's gate; no column at all for a model without one

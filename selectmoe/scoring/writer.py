@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from selectmoe.router_data import RouterDataWriter
+from selectmoe.router_data import PROMPT_KEY, RouterDataWriter
 from selectmoe.scoring.records import finish_shard
 from selectmoe.scoring.scorer import SHARD_COLUMN
 
@@ -103,7 +103,9 @@ def _columns(table: pa.Table) -> dict[str, Any]:
         if col in out or col == SHARD_COLUMN:
             continue
         field = table.schema.field(col)
-        if pa.types.is_fixed_size_list(field.type):
+        if col == PROMPT_KEY:  # nullable int64: Arrow as it is (numpy would turn a null into a float NaN)
+            out[col] = table.column(col).combine_chunks()
+        elif pa.types.is_fixed_size_list(field.type):
             arr = table.column(col).combine_chunks()
             out[col] = arr.flatten().to_numpy(zero_copy_only=False).reshape(n, field.type.list_size)
         else:

@@ -50,6 +50,7 @@ from selectmoe.config import SelectConfig
 from selectmoe.manifest import fingerprint, read_manifest, write_manifest
 from selectmoe.router_data import (
     NLL_COLUMNS,
+    PROMPT_KEY,
     TEXT_COLUMNS,
     feature_widths,
     read_columns,
@@ -57,11 +58,12 @@ from selectmoe.router_data import (
     shard_paths,
 )
 from selectmoe.selection.policies import budget_for, cluster_mix, get_policy, id_ranks
+from selectmoe.selection.prompts import one_answer_per_prompt
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
 from selectmoe.selection.targeted import RDS, TARGET_POLICIES, TARGETED, nearest_round_robin, targeted_sample
 from selectmoe.selection.writer import fetch_messages, write_selection_jsonl
 from selectmoe.stages.contract import check_inputs
-from selectmoe.stages.select_targets import target_similarity
+from selectmoe.stages.select_targets import TargetSimilarity, target_similarity
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +119,23 @@ class PoolColumns:
     scores: dict[str, np.ndarray]  # quality + NLL columns, float32
     shard_of: np.ndarray  # int32 [N], index into shards
     rows_per_shard: np.ndarray
+    prompt_keys: pa.Array | None = None  # int64 [N], null = no question (read_pool(prompt_keys=True))
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def read_pool(shards: list[Path]) -> PoolColumns:
-    """Every router-data row's id, dataset and score columns in one Arrow read: what ranking needs."""
+def read_pool(shards: list[Path], *, prompt_keys: bool = False) -> PoolColumns:
+    """Every router-data row's id, dataset and score columns in one Arrow read: what ranking needs; with
+    ``prompt_keys``, the :data:`PROMPT_KEY` column too (8 bytes a row)."""
     present = set(pq.read_schema(shards[0]).names)  # the gate and text signals are optional columns
     score_columns = [c for c in ("quality", *NLL_COLUMNS, *TEXT_COLUMNS) if c in present]
-    table = read_columns(shards, ["id", "dataset", *score_columns])
+    if prompt_keys and PROMPT_KEY not in present:
+        raise ValueError(
+            f"select.one_answer_per_prompt: {shards[0]} has no {PROMPT_KEY} column (router data scored "
+            "before the score stage wrote it: rescore it, or set select.one_answer_per_prompt=false)"
+        )
+    table = read_columns(shards, ["id", "dataset", *score_columns, *([PROMPT_KEY] if prompt_keys else [])])
     ds = pc.dictionary_encode(table.column("dataset")).combine_chunks()
     rows = shard_row_counts(shards)
     return PoolColumns(
@@ -136,6 +145,7 @@ def read_pool(shards: list[Path]) -> PoolColumns:
         scores={c: table.column(c).to_numpy().astype(np.float32) for c in score_columns},
         shard_of=np.repeat(np.arange(len(shards), dtype=np.int32), rows),
         rows_per_shard=rows,
+        prompt_keys=table.column(PROMPT_KEY).combine_chunks() if prompt_keys else None,
     )
 
 
@@ -143,6 +153,44 @@ def ranking_score(pool: PoolColumns, cfg: SelectConfig) -> np.ndarray:
     """Every row's ranking score, higher = better: ``select.score``, ranked within ``select.rank_within``."""
     groups = rank_groups({"dataset": pool.dataset_codes}, cfg.rank_within)
     return scorer_values(pool.scores, cfg.score, groups=groups)
+
+
+UNSCORED = ("random",)  # the reference of no selection at all: a sample of the whole pool, whatever the rules
+
+
+def apply_policy(
+    policy: str,
+    quality: np.ndarray,
+    labels: np.ndarray,
+    budget: int,
+    *,
+    ranks: np.ndarray,
+    seed: int,
+    quality_floor: float,
+    target: TargetSimilarity | None = None,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """``policy``'s picks at ``budget``: pool indices in selection order. ``ranks``: the ids' ranks
+    (:func:`id_ranks`); ``target``: the pool's similarity to the target examples (``targeted``, ``rds``);
+    ``rows``: sorted candidate rows (``select.one_answer_per_prompt``), among which every policy but
+    :data:`UNSCORED` selects, as if the pool were those rows; None: all."""
+    if rows is not None and policy not in UNSCORED:
+        sub = None if target is None else target.subset(rows)
+        picked = apply_policy(
+            policy, quality[rows], labels[rows], budget, ranks=ranks[rows], seed=seed,
+            quality_floor=quality_floor, target=sub,
+        )  # fmt: skip
+        return rows[picked]
+    if policy in TARGET_POLICIES and target is None:
+        raise ValueError(f"select.policy {policy!r} needs the target similarity (select.target)")
+    if policy == TARGETED:
+        return targeted_sample(
+            quality, labels, target.similarity, target.thresholds, budget,
+            ids=ranks, seed=seed, quality_floor=quality_floor,
+        )  # fmt: skip
+    if policy == RDS:
+        return nearest_round_robin(quality, target.similarity, budget, ids=ranks, quality_floor=quality_floor)
+    return get_policy(policy, quality_floor=quality_floor)(quality, labels, budget, ids=ranks, seed=seed)
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:
@@ -158,7 +206,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     router_shape(shards)
     widths = feature_widths(shards)
     columns = resolve_features(cfg.features, widths)
-    pool = read_pool(shards)
+    pool = read_pool(shards, prompt_keys=cfg.one_answer_per_prompt)
     n = len(pool)
     if n < 2:
         raise ValueError(f"selection needs at least 2 pool rows, router data has {n}")
@@ -233,19 +281,15 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     arms = [("selected", cfg.policy), *((b, b) for b in cfg.baselines)]
     target = target_similarity(cfg, shards, columns, widths, n) if cfg.target else None
 
+    answers = None
+    if cfg.one_answer_per_prompt:
+        answers = one_answer_per_prompt(pool.prompt_keys, quality, rank)
+
     def pick(policy: str) -> np.ndarray:
-        if policy == TARGETED:
-            return targeted_sample(
-                quality, labels, target.similarity, target.thresholds, budget,
-                ids=rank, seed=seed, quality_floor=cfg.quality_floor,
-            )  # fmt: skip
-        if policy == RDS:
-            return nearest_round_robin(
-                quality, target.similarity, budget, ids=rank, quality_floor=cfg.quality_floor
-            )
-        return get_policy(policy, quality_floor=cfg.quality_floor)(
-            quality, labels, budget, ids=rank, seed=seed
-        )
+        return apply_policy(
+            policy, quality, labels, budget, ranks=rank, seed=seed, quality_floor=cfg.quality_floor,
+            target=target, rows=None if answers is None else answers.kept,
+        )  # fmt: skip
 
     picks = {name: pick(policy) for name, policy in arms}
     wanted = np.unique(np.concatenate([idx for idx in picks.values()])) if picks else np.zeros(0, np.int64)
@@ -276,6 +320,8 @@ def run_select(cfg: SelectConfig) -> SelectResult:
         **({"target": {"sha256": target.target.targets.fingerprint()}} if target else {}),
     }
     counts = {"pool": n, "selected": len(sel_idx), "budget": budget}
+    if answers is not None:
+        counts["one_answer_per_prompt"] = answers.summary()
     selection = {
         "k_curves": curves,
         "chosen_k": int(k),
