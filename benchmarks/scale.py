@@ -12,7 +12,7 @@ parent prints a table and the growth factor between consecutive sizes. The pool:
 ``ingest_pool``; router data: one shard per ingest shard written by ``RouterDataWriter`` in 256-row
 batches (the score stage's granularity), rows shuffled within a shard (score writes by length), 16 layers
 x 64 experts = 1,024 float16 routing features with cluster structure (30 clusters: per-layer softmax of a
-centre's logits plus noise). PSS and CPU seconds: ``/proc/<pid>/smaps_rollup`` and ``stat`` of this process and every descendant (the
+centre's logits plus noise), prompt keys drawn from 4 x N values (``select.one_answer_per_prompt``). PSS and CPU seconds: ``/proc/<pid>/smaps_rollup`` and ``stat`` of this process and every descendant (the
 in-process Ray's GCS, raylet and workers are descendants), sampled every 0.5 s.
 """
 
@@ -141,6 +141,9 @@ def write_router_data(ingest_dir: Path, router_dir: Path, seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=2.0, size=(N_CLUSTERS, LAYERS, EXPERTS)).astype(np.float32)
+    # prompt keys drawn from 4 x N values: a fifth of the rows share their question with another (1 - e^-0.25),
+    # and the rule leaves out 11% of the rows (all but each shared question's best)
+    n_keys = 4 * sum(pq.read_metadata(s).num_rows for s in list_shards(ingest_dir))
     for shard in list_shards(ingest_dir):
         t = pq.read_table(shard, columns=["id", "dataset"])
         order = rng.permutation(t.num_rows)
@@ -166,6 +169,7 @@ def write_router_data(ingest_dir: Path, router_dir: Path, seed: int) -> None:
                     "ifd": rng.uniform(0.5, 1.2, b),
                     "quality_layers": rng.uniform(size=(b, LAYERS)),
                     "routing": p.reshape(b, -1).astype(np.float16),
+                    "prompt_key": rng.integers(0, n_keys, b),
                 }
             )
         w.close()
