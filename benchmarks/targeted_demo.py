@@ -96,7 +96,8 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     targeted arm concentrates on a few datasets, so it also gets the fewest known-bad rows any
     ranking by the same score reaches at its dataset mix (each dataset's best-scored rows, as many as the arm
     took from it), and per dataset it took from, the known-bad rows the floor lets through and the ranking's
-    AUC on that dataset's wrong answers."""
+    AUC on that dataset's wrong answers; all among the rows the arms select from (with
+    ``one_answer_per_prompt``: each question's best)."""
     import pyarrow.parquet as pq
 
     from selectmoe.cluster.features import resolve_features
@@ -135,11 +136,13 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     row = {i: n for n, i in enumerate(ids)}
     text = (Path(sel_cfg.output_dir) / "selected_targeted.jsonl").read_text()
     picked = np.array([row[json.loads(x)["id"]] for x in text.splitlines() if x])
+    # the rows the arm selects among (with the rule: each question's best) and their floor
+    among = np.arange(len(ids)) if kept is None else kept
     codes, floor = pool.dataset_codes, np.zeros(len(ids), dtype=bool)
-    floor[floor_rows(quality, rank, budget, sel_cfg.quality_floor)] = True
+    floor[among[floor_rows(quality[among], rank[among], budget, sel_cfg.quality_floor)]] = True
     fewest, through = 0, {}
     for code, count in zip(*np.unique(codes[picked], return_counts=True), strict=True):
-        rows = np.flatnonzero(codes == code)
+        rows = among[codes[among] == code]
         fewest += int(bad[rows[np.lexsort((rank[rows], -quality[rows]))][:count]].sum())
         name = pool.dataset_names[code]
         through[name] = {"took": int(count), "floor_rows": int(floor[rows].sum()),

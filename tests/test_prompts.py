@@ -50,7 +50,7 @@ IDS = ["h", "g", "f", "c", "e", "a", "b", "d"]
 def test_one_answer_per_prompt_keeps_each_questions_best_row():
     got = one_answer_per_prompt(KEYS, SCORES, IDS)
     assert got.kept.tolist() == [2, 4, 5, 6, 7]
-    assert got.summary() == {"kept": 5, "left_out": 3, "shared_prompts": 2}
+    assert got.counts() == {"answers_left_out": 3, "shared_prompts": 2}
     # a NaN score loses to any number; without ids, ties go to the lower row
     scores = SCORES.copy()
     scores[4] = np.nan
@@ -144,10 +144,9 @@ def test_select_one_answer_per_prompt_end_to_end(tmp_path):
     assert any(best[i[:3]] != i for i in _ids(tmp_path / "off" / "selected_top_k.jsonl"))
     assert _ids(tmp_path / "on" / "selected_random.jsonl") == _ids(tmp_path / "off" / "selected_random.jsonl")
     info = json.loads((tmp_path / "on" / "selection.json").read_text())
-    assert info["counts"]["one_answer_per_prompt"] == {"kept": 36, "left_out": 24, "shared_prompts": 24}
-    assert (
-        "one_answer_per_prompt" not in json.loads((tmp_path / "off" / "selection.json").read_text())["counts"]
-    )
+    counts = {"pool": 60, "selected": 12, "budget": 12}
+    assert info["counts"] == {**counts, "answers_left_out": 24, "shared_prompts": 24}
+    assert json.loads((tmp_path / "off" / "selection.json").read_text())["counts"] == counts
 
 
 def test_router_data_without_prompt_keys_is_refused_by_name(tmp_path):

@@ -28,12 +28,9 @@ class AnswerPerPrompt:
     left_out: int
     shared_prompts: int  # questions asked by more than one row
 
-    def summary(self) -> dict[str, int]:
-        return {
-            "kept": len(self.kept),
-            "left_out": self.left_out,
-            "shared_prompts": self.shared_prompts,
-        }
+    def counts(self) -> dict[str, int]:
+        """Flat, for select's counts (selection.json, the manifest, the report's table)."""
+        return {"answers_left_out": self.left_out, "shared_prompts": self.shared_prompts}
 
 
 def one_answer_per_prompt(keys: pa.Array, scores: np.ndarray, ids=None) -> AnswerPerPrompt:

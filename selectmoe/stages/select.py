@@ -321,7 +321,7 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     }
     counts = {"pool": n, "selected": len(sel_idx), "budget": budget}
     if answers is not None:
-        counts["one_answer_per_prompt"] = answers.summary()
+        counts.update(answers.counts())
     selection = {
         "k_curves": curves,
         "chosen_k": int(k),
