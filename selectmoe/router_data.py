@@ -135,9 +135,12 @@ class RouterDataWriter:
         if key is None:  # not computed
             data[PROMPT_KEY] = pa.nulls(n, pa.int64())
         elif isinstance(key, pa.Array):
-            data[PROMPT_KEY] = key.cast(pa.int64())
+            data[PROMPT_KEY] = key.cast(pa.int64())  # a safe cast: a float key raises
         else:
-            data[PROMPT_KEY] = pa.array(list(key), pa.int64())
+            values = key if isinstance(key, np.ndarray) else np.asarray(key, dtype=object)
+            if values.dtype.kind == "f" or any(isinstance(k, float) for k in values.tolist()):
+                raise ValueError(f"{PROMPT_KEY}: 64-bit integer hashes or None, got a float")
+            data[PROMPT_KEY] = pa.array(values, pa.int64())
         if self.gate:
             data["quality"] = pa.array(np.asarray(columns["quality"], dtype=np.float32))
             layers = np.asarray(columns["quality_layers"], dtype=np.float32).reshape(n, self.num_layers)

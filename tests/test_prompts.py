@@ -149,7 +149,24 @@ def test_select_one_answer_per_prompt_end_to_end(tmp_path):
     assert json.loads((tmp_path / "off" / "selection.json").read_text())["counts"] == counts
 
 
+def test_a_budget_above_the_distinct_questions_takes_them_all_and_says_so(tmp_path, caplog):
+    router, pool, quality = _twins(tmp_path)
+    res = _select(router, pool, tmp_path / "o", one_answer_per_prompt=True, selection_percentage=0.8)
+    assert (res.budget, res.n_selected) == (48, 36)  # the 36 questions' best answers, no more
+    assert "36 rows answer distinct questions, fewer than the budget 48" in caplog.text
+    assert len(_ids(tmp_path / "o" / "selected_random.jsonl")) == 48  # random: the whole pool
+
+
 def test_router_data_without_prompt_keys_is_refused_by_name(tmp_path):
+    # written without keys (the writer stores nulls): refused, not a rule that silently does nothing
+    router, pool, _ = _twins(tmp_path / "nulls", keys=False)
+    with pytest.raises(ValueError, match=r"prompt_key is null on every row of .*router"):
+        _select(router, pool, tmp_path / "o0", one_answer_per_prompt=True)
+    with pytest.raises(ValueError, match="64-bit integer hashes or None, got a float"):
+        RouterDataWriter(tmp_path / "r", "x", 2, 4).write_batch(
+            {"id": ["a"], "dataset": ["d"], "n_tokens": [1], "truncated": [False], "quality": [0.5],
+             "quality_layers": [[0.5, 0.5]], "routing": np.ones((1, 8)), PROMPT_KEY: [1.5]}
+        )  # fmt: skip
     router, pool, _ = _twins(tmp_path)
     shard = router / "shards" / "part-00000.parquet"
     pq.write_table(pq.read_table(shard).drop_columns([PROMPT_KEY]), shard)  # scored before the column

@@ -244,10 +244,8 @@ def test_run_score_kill_resume_values_rerun_and_partial_redo(artefact, ray_local
         answer = hf_loss([m for m in messages if m["role"] == "assistant"], "assistant_only")
         assert stored_ifd[row["id"]] == pytest.approx(want / answer, rel=1e-5)
     # the stored prompt key of every row of the shard == prompt_key of its messages (int64, exact)
-    keys = dict(
-        zip(data.ids, pa.concat_arrays([pq.read_table(p, columns=["prompt_key"])["prompt_key"].combine_chunks()
-                                        for p in data.shards]).to_pylist())
-    )  # fmt: skip
+    stored_keys = pa.concat_tables([pq.read_table(p, columns=["prompt_key"]) for p in data.shards])
+    keys = dict(zip(data.ids, stored_keys["prompt_key"].to_pylist()))
     assert {r["id"]: keys[r["id"]] for r in pool_rows} == {
         r["id"]: prompt_key(json.loads(r["messages"])) for r in pool_rows
     }

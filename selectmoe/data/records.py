@@ -110,7 +110,7 @@ def prompt_key(messages: Sequence[Mapping[str, Any]]) -> int | None:
     (blake2b-8 of their canonical JSON). Two rows with one key ask the same thing; if their answers differ,
     at most one is right (``select.one_answer_per_prompt``). ``None`` for a conversation with no such turn
     (no question to share)."""
-    asked = [m for m in messages if m.get("role") != "assistant"]
+    asked = [m for m in messages if m.get("role") in ("system", "user")]
     if not asked:
         return None
     digest = hashlib.blake2b(canonical_messages(asked).encode(), digest_size=8).digest()

@@ -33,7 +33,9 @@ class AnswerPerPrompt:
         return {"answers_left_out": self.left_out, "shared_prompts": self.shared_prompts}
 
 
-def one_answer_per_prompt(keys: pa.Array, scores: np.ndarray, ids=None) -> AnswerPerPrompt:
+def one_answer_per_prompt(
+    keys: pa.Array, scores: np.ndarray, ids: pa.Array | np.ndarray | None = None
+) -> AnswerPerPrompt:
     """Every row without a key, and of each key's rows the best by ``scores`` (ties by id ascending, as
     every policy breaks them; a NaN score loses). ``keys``: int64, null = no question; ``ids``: strings or
     their ranks (:func:`~selectmoe.selection.policies.id_ranks`)."""
@@ -45,8 +47,8 @@ def one_answer_per_prompt(keys: pa.Array, scores: np.ndarray, ids=None) -> Answe
     rank = id_ranks(ids)
     tie = np.arange(n) if rank is None else rank
     rows = np.flatnonzero(valid)
-    score = -np.asarray(scores, dtype=np.float64)[rows]
-    order = rows[np.lexsort((tie[rows], np.where(np.isnan(score), np.inf, score), values[rows]))]
+    score = -np.asarray(scores, dtype=np.float64)[rows]  # lexsort puts NaN after +inf: a NaN score loses
+    order = rows[np.lexsort((tie[rows], score, values[rows]))]
     grouped = values[order]
     first = np.r_[True, grouped[1:] != grouped[:-1]] if len(order) else np.zeros(0, bool)
     keep = ~valid

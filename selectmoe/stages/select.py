@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 SELECTED_NAME = "selected_data.jsonl"
 SELECTION_JSON = "selection.json"
 ASSIGNMENTS = "assignments.parquet"
+UNSCORED = ("random",)  # the reference of no selection at all: a sample of the whole pool, whatever the rules
 
 
 @dataclass
@@ -130,14 +131,22 @@ def read_pool(shards: list[Path], *, prompt_keys: bool = False) -> PoolColumns:
     ``prompt_keys``, the :data:`PROMPT_KEY` column too (8 bytes a row)."""
     present = set(pq.read_schema(shards[0]).names)  # the gate and text signals are optional columns
     score_columns = [c for c in ("quality", *NLL_COLUMNS, *TEXT_COLUMNS) if c in present]
-    if prompt_keys and PROMPT_KEY not in present:
-        raise ValueError(
-            f"select.one_answer_per_prompt: {shards[0]} has no {PROMPT_KEY} column (router data scored "
-            "before the score stage wrote it: rescore it, or set select.one_answer_per_prompt=false)"
-        )
+    if prompt_keys:
+        for shard in shards:
+            if PROMPT_KEY not in pq.read_schema(shard).names:
+                raise ValueError(
+                    f"select.one_answer_per_prompt: {shard} has no {PROMPT_KEY} column (router data scored "
+                    "before the score stage wrote it: rescore it, or set select.one_answer_per_prompt=false)"
+                )
     table = read_columns(shards, ["id", "dataset", *score_columns, *([PROMPT_KEY] if prompt_keys else [])])
     ds = pc.dictionary_encode(table.column("dataset")).combine_chunks()
     rows = shard_row_counts(shards)
+    keys = table.column(PROMPT_KEY).combine_chunks() if prompt_keys else None
+    if keys is not None and len(keys) and keys.null_count == len(keys):
+        raise ValueError(
+            f"select.one_answer_per_prompt: {PROMPT_KEY} is null on every row of {shards[0].parent} (router "
+            "data written without the keys: rescore it with the score stage)"
+        )
     return PoolColumns(
         ids=table.column("id").combine_chunks(),
         dataset_codes=ds.indices.to_numpy().astype(np.int32),
@@ -145,7 +154,7 @@ def read_pool(shards: list[Path], *, prompt_keys: bool = False) -> PoolColumns:
         scores={c: table.column(c).to_numpy().astype(np.float32) for c in score_columns},
         shard_of=np.repeat(np.arange(len(shards), dtype=np.int32), rows),
         rows_per_shard=rows,
-        prompt_keys=table.column(PROMPT_KEY).combine_chunks() if prompt_keys else None,
+        prompt_keys=keys,
     )
 
 
@@ -153,9 +162,6 @@ def ranking_score(pool: PoolColumns, cfg: SelectConfig) -> np.ndarray:
     """Every row's ranking score, higher = better: ``select.score``, ranked within ``select.rank_within``."""
     groups = rank_groups({"dataset": pool.dataset_codes}, cfg.rank_within)
     return scorer_values(pool.scores, cfg.score, groups=groups)
-
-
-UNSCORED = ("random",)  # the reference of no selection at all: a sample of the whole pool, whatever the rules
 
 
 def apply_policy(
@@ -284,6 +290,13 @@ def run_select(cfg: SelectConfig) -> SelectResult:
     answers = None
     if cfg.one_answer_per_prompt:
         answers = one_answer_per_prompt(pool.prompt_keys, quality, rank)
+        if len(answers.kept) < budget:
+            logger.warning(
+                "select.one_answer_per_prompt: %d rows answer distinct questions, fewer than the budget %d: "
+                "every policy but random selects all of them",
+                len(answers.kept),
+                budget,
+            )
 
     def pick(policy: str) -> np.ndarray:
         return apply_policy(
