@@ -150,7 +150,7 @@ def test_select_one_answer_per_prompt_end_to_end(tmp_path):
 
 
 def test_a_budget_above_the_distinct_questions_takes_them_all_and_says_so(tmp_path, caplog):
-    router, pool, quality = _twins(tmp_path)
+    router, pool, _ = _twins(tmp_path)
     res = _select(router, pool, tmp_path / "o", one_answer_per_prompt=True, selection_percentage=0.8)
     assert (res.budget, res.n_selected) == (48, 36)  # the 36 questions' best answers, no more
     assert "36 rows answer distinct questions, fewer than the budget 48" in caplog.text

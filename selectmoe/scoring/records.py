@@ -24,9 +24,8 @@ from selectmoe.scoring.model import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-SCORE_FORMAT_VERSION = (
-    5  # 2: NLL columns; 3: full_tokens; 4: optional gate/routing, hidden, text signals; 5: prompt_key
-)
+# 2: NLL columns; 3: full_tokens; 4: optional gate/routing, hidden, text signals; 5: prompt_key
+SCORE_FORMAT_VERSION = 5
 DONE_SUFFIX = ".done.json"
 
 
