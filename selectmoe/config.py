@@ -183,7 +183,7 @@ class SelectConfig:
     policy: str = "quality_sample"
     quality_floor: float = 0.5  # share of the pool eligible for the floor policies (>= selection_percentage)
     # Of the rows that ask the same question (router data prompt_key: the same system and user turns), only
-    # the best-scored may be selected, by every policy but `random` (selection/prompts.py): two answers to
+    # the best-ranked may be selected, by every policy but `random` (selection/prompts.py): two answers to
     # one question are two targets for one input, and beside the right one a wrong one ranks lower
     one_answer_per_prompt: bool = False
     # dataset: rank each row's score among the rows of its own `dataset` (sources differ in how predictable

@@ -132,15 +132,11 @@ class RouterDataWriter:
             },
         }
         key = columns.get(PROMPT_KEY)
-        if key is None:  # not computed
-            data[PROMPT_KEY] = pa.nulls(n, pa.int64())
-        elif isinstance(key, pa.Array):
-            data[PROMPT_KEY] = key.cast(pa.int64())  # a safe cast: a float key raises
-        else:
-            values = key if isinstance(key, np.ndarray) else np.asarray(key, dtype=object)
-            if values.dtype.kind == "f" or any(isinstance(k, float) for k in values.tolist()):
-                raise ValueError(f"{PROMPT_KEY}: 64-bit integer hashes or None, got a float")
-            data[PROMPT_KEY] = pa.array(values, pa.int64())
+        try:  # Arrow's safe cast: a fractional float key raises instead of truncating
+            keys = key if key is None or isinstance(key, pa.Array) else pa.array(key)
+            data[PROMPT_KEY] = pa.nulls(n, pa.int64()) if keys is None else keys.cast(pa.int64())
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{PROMPT_KEY}: 64-bit integer hashes or None, got a float ({e})") from None
         if self.gate:
             data["quality"] = pa.array(np.asarray(columns["quality"], dtype=np.float32))
             layers = np.asarray(columns["quality_layers"], dtype=np.float32).reshape(n, self.num_layers)
