@@ -139,7 +139,7 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     # the rows the arm selects among (with the rule: each question's best) and their floor
     among = np.arange(len(ids)) if kept is None else kept
     codes, floor = pool.dataset_codes, np.zeros(len(ids), dtype=bool)
-    floor[among[floor_rows(quality[among], rank[among], budget, sel_cfg.quality_floor)]] = True
+    floor[floor_rows(quality, rank, budget, sel_cfg.quality_floor, kept)] = True
     fewest, through = 0, {}
     for code, count in zip(*np.unique(codes[picked], return_counts=True), strict=True):
         rows = among[codes[among] == code]

@@ -14,9 +14,8 @@ from pool_shards import write_pool_shard
 from selectmoe.config import SelectConfig
 from selectmoe.data.records import prompt_key
 from selectmoe.router_data import PROMPT_KEY, RouterDataWriter
-from selectmoe.selection.policies import quality_sample
+from selectmoe.selection.policies import floor_rows
 from selectmoe.selection.prompts import one_answer_per_prompt
-from selectmoe.selection.targeted import targeted_sample
 from selectmoe.stages.select import apply_policy, run_select
 from selectmoe.stages.select_targets import TargetSimilarity
 
@@ -59,29 +58,38 @@ def test_one_answer_per_prompt_keeps_each_questions_best_row():
         one_answer_per_prompt(KEYS, SCORES[:7])
 
 
-def test_apply_policy_selects_among_the_kept_rows_but_random_does_not():
+def test_the_floor_policies_keep_the_pools_floor_and_keys_so_the_rule_only_takes_rows_out():
     rank = np.array([7, 6, 5, 2, 4, 0, 1, 3])  # the ranks of IDS
-    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
-    kept = one_answer_per_prompt(KEYS, SCORES, IDS).kept
-    common = dict(ranks=rank, seed=3, quality_floor=1.0)
-    got = apply_policy("quality_sample", SCORES, labels, 3, rows=kept, **common)
-    want = kept[quality_sample(SCORES[kept], labels[kept], 3, ids=rank[kept], seed=3, quality_floor=1.0)]
-    assert got.tolist() == want.tolist() and set(got) <= set(kept.tolist())
-    assert apply_policy("top_k", SCORES, labels, 2, rows=kept, **common).tolist() == [4, 5]
+    kept = one_answer_per_prompt(KEYS, SCORES, IDS).kept  # [2, 4, 5, 6, 7]
+    # the pool's floor (best 4 of 8: rows 4, 1, 5, 3), the candidates inside it, then the next best candidate
+    assert floor_rows(SCORES, rank, 2, 0.5).tolist() == [1, 3, 4, 5]
+    assert floor_rows(SCORES, rank, 2, 0.5, kept).tolist() == [4, 5]
+    assert floor_rows(SCORES, rank, 3, 0.5, kept).tolist() == [4, 5, 7]
+    one_cluster = np.zeros(8, dtype=np.int64)
+    common = dict(ranks=rank, quality_floor=1.0)
+    for seed in range(5):
+        # one key per pool row: with the rule, the sample is the one without it, less the rows left out
+        every = apply_policy("quality_sample", SCORES, one_cluster, 8, seed=seed, **common)
+        got = apply_policy("quality_sample", SCORES, one_cluster, 3, seed=seed, rows=kept, **common)
+        assert got.tolist() == [r for r in every.tolist() if r in kept][:3]
+        # a target whose neighbourhood is every row: targeted is the default, with the rule as without it
+        near = TargetSimilarity("routing", None, np.linspace(0.1, 0.8, 8)[:, None], np.array([0.0]), 0.0)
+        labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+        for rows in (None, kept):
+            assert (
+                apply_policy(
+                    "targeted", SCORES, labels, 3, seed=seed, target=near, rows=rows, **common
+                ).tolist()
+                == apply_policy("quality_sample", SCORES, labels, 3, seed=seed, rows=rows, **common).tolist()
+            )
+    assert apply_policy("top_k", SCORES, one_cluster, 2, seed=3, rows=kept, **common).tolist() == [4, 5]
     # random: the reference of no selection samples the whole pool, whatever the rows
     assert (
-        apply_policy("random", SCORES, labels, 8, rows=kept, **common).tolist()
+        apply_policy("random", SCORES, one_cluster, 8, seed=3, rows=kept, **common).tolist()
         == np.random.default_rng(3).permutation(8).tolist()
     )
-    sim = np.linspace(0.1, 0.8, 8)[:, None]
-    target = TargetSimilarity("routing", None, sim, np.array([0.5]), 0.0)
-    got = apply_policy("targeted", SCORES, labels, 3, target=target, rows=kept, **common)
-    sub = targeted_sample(
-        SCORES[kept], labels[kept], sim[kept], [0.5], 3, ids=rank[kept], seed=3, quality_floor=1.0
-    )
-    assert got.tolist() == kept[sub].tolist()
     with pytest.raises(ValueError, match="needs the target similarity"):
-        apply_policy("rds", SCORES, labels, 3, **common)
+        apply_policy("rds", SCORES, one_cluster, 3, seed=3, **common)
 
 
 # ------------------------------------------------------------------------------------------ select

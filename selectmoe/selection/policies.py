@@ -132,17 +132,28 @@ def proportional(scores, labels, budget: int, *, ids=None, seed: int = 0) -> np.
     return rows[keep].astype(np.int64)
 
 
-def floor_rows(scores: np.ndarray, ids, budget: int, quality_floor: float) -> np.ndarray:
-    """Sorted indices of the best ``quality_floor`` share of the rows by score (ties by id; at least
-    ``budget`` rows): the rows the floor policies may take. ``ids``: strings or their ranks."""
+def floor_rows(
+    scores: np.ndarray, ids, budget: int, quality_floor: float, candidates: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted indices of the best ``quality_floor`` share of the pool by score (ties by id): the rows the
+    floor policies may take. ``candidates`` (sorted row indices, e.g. ``select.one_answer_per_prompt``'s):
+    only those of them inside the floor, so a rule that narrows the candidates only ever removes rows.
+    Always at least ``budget`` rows (the next best candidates), as many as there are. ``ids``: strings or
+    their ranks."""
     if not 0 < quality_floor <= 1:
         raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
-    n_keep = min(len(scores), max(budget, int(np.ceil(quality_floor * len(scores)))))
-    return np.sort(_rank_order(scores, ids)[:n_keep])
+    order = _rank_order(scores, ids)
+    n_floor = int(np.ceil(quality_floor * len(scores)))
+    if candidates is not None:
+        allowed = np.zeros(len(scores), dtype=bool)
+        allowed[candidates] = True
+        n_floor = int(allowed[order[:n_floor]].sum())
+        order = order[allowed[order]]
+    return np.sort(order[: min(len(order), max(budget, n_floor))])
 
 
 def quality_round_robin(
-    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5
+    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5, candidates=None
 ) -> np.ndarray:
     """Score first, then diversity: only the best ``quality_floor`` share of the pool (by score; at least
     ``budget`` rows) is eligible, and :func:`round_robin` spreads the budget over the clusters among them.
@@ -152,14 +163,14 @@ def quality_round_robin(
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
     rank = id_ranks(ids)  # once: the floor and the round-robin both break ties by it
-    eligible = floor_rows(scores, rank, budget, quality_floor)
+    eligible = floor_rows(scores, rank, budget, quality_floor, candidates)
     sub_ids = None if rank is None else rank[eligible]
     picked = round_robin(scores[eligible], labels[eligible], budget, ids=sub_ids, seed=seed)
     return eligible[picked].astype(np.int64)
 
 
 def quality_sample(
-    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5
+    scores, labels, budget: int, *, ids=None, seed: int = 0, quality_floor: float = 0.5, candidates=None
 ) -> np.ndarray:
     """The quality floor of :func:`quality_round_robin`, then a seeded sample of the eligible rows spread
     round-robin over the clusters (each cluster's rows in a random order, not best score first).
@@ -167,10 +178,10 @@ def quality_sample(
     Why: inside the floor the score has done its job (the known-bad rows are below it); ranking further by
     it takes the most predictable rows, the ones the model already knows, and a finetune learns less from
     them (docs/benchmarks.md, "Which rows inside the quality floor"). The random keys follow row order, as
-    :func:`random_policy` does."""
+    :func:`random_policy` does, one per pool row whatever the ``candidates`` (:func:`floor_rows`)."""
     scores, budget = _check(scores, labels, budget)
     labels = np.asarray(labels)
-    eligible = floor_rows(scores, ids, budget, quality_floor)
+    eligible = floor_rows(scores, ids, budget, quality_floor, candidates)
     return sample_order(eligible, labels, sample_keys(len(scores), seed), budget)
 
 
@@ -214,6 +225,7 @@ POLICIES: dict[str, Policy] = {
     "top_k": top_k,
     "random": random_policy,
 }
+FLOOR_POLICIES = ("quality_sample", "quality_round_robin")  # they take quality_floor and candidates
 
 
 def get_policy(name: str, *, quality_floor: float | None = None) -> Policy:
@@ -222,7 +234,7 @@ def get_policy(name: str, *, quality_floor: float | None = None) -> Policy:
         policy = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown selection policy {name!r}; expected one of {sorted(POLICIES)}") from None
-    if policy in (quality_round_robin, quality_sample) and quality_floor is not None:
+    if name in FLOOR_POLICIES and quality_floor is not None:
         return functools.partial(policy, quality_floor=float(quality_floor))
     return policy
 

@@ -105,19 +105,19 @@ def _take_round_robin(orders: list[np.ndarray], budget: int, n: int) -> np.ndarr
 
 
 def nearest_round_robin(
-    scores, similarity, budget: int, *, ids=None, quality_floor: float = 0.5
+    scores, similarity, budget: int, *, ids=None, quality_floor: float = 0.5, candidates=None
 ) -> np.ndarray:
     """RDS+: indices in selection order, round-robin over the target tasks (columns of ``similarity
     [N, T]``, in column order), each taking its most similar row not yet taken (ties by id asc), among the
     best ``quality_floor`` share of the pool by ``scores`` (at least ``budget`` rows; the floor of
-    :func:`~selectmoe.selection.policies.quality_sample`). ``ids``: strings or their ranks
-    (:func:`~selectmoe.selection.policies.id_ranks`)."""
+    :func:`~selectmoe.selection.policies.quality_sample`, ``candidates`` as there). ``ids``: strings or their
+    ranks (:func:`~selectmoe.selection.policies.id_ranks`)."""
     scores, budget = _check(scores, None, budget)
     n = len(scores)
     similarity = _similarity(similarity, n)
     rank = id_ranks(ids)  # once: the floor and the similarity order both break ties by it
     tie = np.arange(n) if rank is None else rank
-    eligible = floor_rows(scores, rank, budget, quality_floor)
+    eligible = floor_rows(scores, rank, budget, quality_floor, candidates)
     orders = [_nearest_first(eligible, similarity[:, t], tie) for t in range(similarity.shape[1])]
     return _take_round_robin(orders, budget, n)
 
@@ -132,9 +132,10 @@ def targeted_sample(
     ids=None,
     seed: int = 0,
     quality_floor: float = 0.5,
+    candidates=None,
 ) -> np.ndarray:
     """Indices in selection order, round-robin over the target tasks (columns of ``similarity [N, T]``),
-    among the rows of the quality floor of :func:`nearest_round_robin`. Each task's order: first its
+    among the rows of the quality floor of :func:`nearest_round_robin` (``candidates`` as there). Each task's order: first its
     neighbourhood (rows with ``similarity >= thresholds[t]``, :func:`neighbourhood_thresholds`) as
     :func:`~selectmoe.selection.policies.quality_sample` orders rows (seeded random keys in row order,
     round-robin over the clusters ``labels``), then the rest of the floor nearest first (ties by id)."""
@@ -147,7 +148,7 @@ def targeted_sample(
     labels = np.asarray(labels)
     rank = id_ranks(ids)
     tie = np.arange(n) if rank is None else rank
-    eligible = floor_rows(scores, rank, budget, quality_floor)
+    eligible = floor_rows(scores, rank, budget, quality_floor, candidates)
     keys = sample_keys(n, seed)  # quality_sample's keys: one draw, shared by every task
     orders = []
     for t, threshold in enumerate(thresholds):

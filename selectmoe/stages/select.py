@@ -57,7 +57,7 @@ from selectmoe.router_data import (
     router_shape,
     shard_paths,
 )
-from selectmoe.selection.policies import budget_for, cluster_mix, get_policy, id_ranks
+from selectmoe.selection.policies import FLOOR_POLICIES, budget_for, cluster_mix, get_policy, id_ranks
 from selectmoe.selection.prompts import one_answer_per_prompt
 from selectmoe.selection.scorers import SCORERS, available_scorers, rank_groups, scorer_values
 from selectmoe.selection.targeted import RDS, TARGET_POLICIES, TARGETED, nearest_round_robin, targeted_sample
@@ -178,25 +178,26 @@ def apply_policy(
 ) -> np.ndarray:
     """``policy``'s picks at ``budget``: pool indices in selection order. ``ranks``: the ids' ranks
     (:func:`id_ranks`); ``target``: the pool's similarity to the target examples (``targeted``, ``rds``);
-    ``rows``: sorted candidate rows (``select.one_answer_per_prompt``), among which every policy but
-    :data:`UNSCORED` selects, as if the pool were those rows; None: all."""
-    if rows is not None and policy not in UNSCORED:
-        sub = None if target is None else target.subset(rows)
-        picked = apply_policy(
-            policy, quality[rows], labels[rows], budget, ranks=ranks[rows], seed=seed,
-            quality_floor=quality_floor, target=sub,
-        )  # fmt: skip
-        return rows[picked]
+    ``rows``: sorted candidate rows (``select.one_answer_per_prompt``), the only rows every policy but
+    :data:`UNSCORED` may take; None: all. The floor policies keep the pool's floor and seeded keys
+    (:func:`floor_rows`), so the candidates only take rows out of what they would select; the score-only
+    policies rank the candidates as if they were the pool."""
     if policy in TARGET_POLICIES and target is None:
         raise ValueError(f"select.policy {policy!r} needs the target similarity (select.target)")
+    candidates = None if policy in UNSCORED else rows
+    floor = dict(ids=ranks, quality_floor=quality_floor, candidates=candidates)
     if policy == TARGETED:
         return targeted_sample(
-            quality, labels, target.similarity, target.thresholds, budget,
-            ids=ranks, seed=seed, quality_floor=quality_floor,
-        )  # fmt: skip
+            quality, labels, target.similarity, target.thresholds, budget, seed=seed, **floor
+        )
     if policy == RDS:
-        return nearest_round_robin(quality, target.similarity, budget, ids=ranks, quality_floor=quality_floor)
-    return get_policy(policy, quality_floor=quality_floor)(quality, labels, budget, ids=ranks, seed=seed)
+        return nearest_round_robin(quality, target.similarity, budget, **floor)
+    if policy in FLOOR_POLICIES:
+        return get_policy(policy)(quality, labels, budget, seed=seed, **floor)
+    if candidates is None:
+        return get_policy(policy)(quality, labels, budget, ids=ranks, seed=seed)
+    picked = get_policy(policy)(quality[rows], labels[rows], budget, ids=ranks[rows], seed=seed)
+    return rows[picked]
 
 
 def run_select(cfg: SelectConfig) -> SelectResult:

@@ -132,10 +132,6 @@ class TargetSimilarity:
     thresholds: np.ndarray
     similarity_s: float
 
-    def subset(self, rows: np.ndarray) -> TargetSimilarity:
-        """The same targets over the pool ``rows`` only (their similarity rows; thresholds unchanged)."""
-        return dataclasses.replace(self, similarity=self.similarity[rows])
-
     def summary(self, picks: dict[str, np.ndarray]) -> dict:
         """For selection.json: the targets, the cost, and each arm's mean best similarity per task."""
         tasks = self.target.targets.tasks
