@@ -20,8 +20,9 @@ every arm is scored on those skills' test questions only. Beside each arm's know
 and the targeted policy's over 200 select seeds (both sample inside the floor), the fewest any ranking by the same score reaches at the
 targeted arm's dataset mix, and what the floor lets through per dataset (:func:`bad_share_context`).
 ``--select-only``: those selection figures without the finetunes. ``--one-answer-per-prompt``: every arm
-with ``select.one_answer_per_prompt=true`` (outputs under ``<run>/targeted_one_answer``), plus the default
-without it (arm ``every_answer``), so the rule's own effect is paired too.
+with ``select.one_answer_per_prompt=true`` (outputs under ``<run>/targeted_one_answer``), plus the default and
+``targeted`` without it (arms ``every_answer``, ``targeted_every_answer``), so the rule's own effect is paired
+too.
 """
 
 from __future__ import annotations
@@ -314,11 +315,12 @@ def main() -> int:
             wall = time.perf_counter() - t0
             if extra:
                 every_cfg = dataclasses.replace(
-                    sel_cfg, output_dir=f"{sel_cfg.output_dir}_every_answer", baselines=[],
+                    sel_cfg, output_dir=f"{sel_cfg.output_dir}_every_answer", baselines=["targeted"],
                     one_answer_per_prompt=False,
                 )  # fmt: skip
                 run_select(every_cfg)
                 files[f"every_answer_{feat}"] = f"{every_cfg.output_dir}/selected_data.jsonl"
+                files[f"targeted_every_answer_{feat}"] = f"{every_cfg.output_dir}/selected_targeted.jsonl"
             figs = demo_figures(router, sel_cfg.output_dir, labels)
             target = json.loads((Path(sel_cfg.output_dir) / "selection.json").read_text())["target"]
             results["features"].setdefault(feat, {})[seed] = {
@@ -377,7 +379,7 @@ def main() -> int:
             rows.append([feat, policy, f"{np.mean([x[name]['bad_share'] for x in sets]):.3f}",
                          f"{np.mean([x[name]['coverage'] for x in sets]):.2f}",
                          f"{np.mean([np.mean(list(x.values())) for x in sim]):.4f}", f"{acc:.3f}"])  # fmt: skip
-        for arm in extra:
+        for arm in (a for e in extra for a in (e, f"targeted_{e}")):
             acc = float(np.mean([np.mean(a) for a in arm_acc(f"{arm}_{feat}")]))
             rows.append([feat, arm, "", "", "", f"{acc:.3f}"])
         for policy in (*POLICIES, *extra):
@@ -386,12 +388,17 @@ def main() -> int:
                 **diff.as_dict(),
                 "text": paired_verdict(diff, f"{policy} ({feat})", f"default ({feat})"),
             }
-        for arm in extra:  # the targeted arm against the default without the rule, too
-            diff = paired_difference(arm_acc(f"targeted_{feat}"), arm_acc(f"{arm}_{feat}"))
-            verdicts[f"targeted_vs_{arm}_{feat}"] = {
-                **diff.as_dict(),
-                "text": paired_verdict(diff, f"targeted ({feat})", f"{arm} default ({feat})"),
+        for arm in extra:  # without the rule too: what the rule does to targeted, and targeted against it
+            pairs = {
+                f"targeted_vs_{arm}": ("targeted", arm),
+                f"targeted_vs_targeted_{arm}": ("targeted", f"targeted_{arm}"),
+                f"targeted_{arm}_vs_{arm}": (f"targeted_{arm}", arm),
             }
+            for key, (a, b) in pairs.items():
+                diff = paired_difference(arm_acc(f"{a}_{feat}"), arm_acc(f"{b}_{feat}"))
+                verdicts[f"{key}_{feat}"] = {
+                    **diff.as_dict(), "text": paired_verdict(diff, f"{a} ({feat})", f"{b} ({feat})")
+                }  # fmt: skip
     for arm in ("random", "base"):
         rows.append([arm, "", "", "", "", f"{np.mean([np.mean(a) for a in arm_acc(arm)]):.3f}"])
     results["verdicts"] = verdicts
