@@ -135,10 +135,11 @@ def targeted_sample(
     candidates=None,
 ) -> np.ndarray:
     """Indices in selection order, round-robin over the target tasks (columns of ``similarity [N, T]``),
-    among the rows of the quality floor of :func:`nearest_round_robin` (``candidates`` as there). Each task's order: first its
-    neighbourhood (rows with ``similarity >= thresholds[t]``, :func:`neighbourhood_thresholds`) as
-    :func:`~selectmoe.selection.policies.quality_sample` orders rows (seeded random keys in row order,
-    round-robin over the clusters ``labels``), then the rest of the floor nearest first (ties by id)."""
+    among the rows of the quality floor of :func:`nearest_round_robin` (``candidates`` as there). Each task's
+    order: first its neighbourhood (rows with ``similarity >= thresholds[t]``,
+    :func:`neighbourhood_thresholds`) as :func:`~selectmoe.selection.policies.quality_sample` orders rows
+    (seeded random keys in row order, round-robin over the clusters ``labels``), then the rest of the floor
+    nearest first (ties by id)."""
     scores, budget = _check(scores, labels, budget)
     n = len(scores)
     similarity = _similarity(similarity, n)
