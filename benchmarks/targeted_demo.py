@@ -137,7 +137,7 @@ def bad_share_context(sel_cfg, labels_path: Path, draws: int = 200) -> dict:
     row = {i: n for n, i in enumerate(ids)}
     text = (Path(sel_cfg.output_dir) / "selected_targeted.jsonl").read_text()
     picked = np.array([row[json.loads(x)["id"]] for x in text.splitlines() if x])
-    # the rows the arm selects among (with the rule: each question's best) and their floor
+    # the rows the arm selects among (with the rule: each question's best) and, of them, the pool's floor
     among = np.arange(len(ids)) if kept is None else kept
     codes, floor = pool.dataset_codes, np.zeros(len(ids), dtype=bool)
     floor[floor_rows(quality, rank, budget, sel_cfg.quality_floor, kept)] = True
