@@ -20,11 +20,11 @@ from pathlib import Path
 from selectmoe.config import load_config
 from selectmoe.markdown import markdown_table
 from selectmoe.report import demo_figures
+from selectmoe.selection.policies import FLOOR_POLICIES
 from selectmoe.selection.scorers import available_scorers
 from selectmoe.stages.select import run_select
 
 POLICIES = ("quality_sample", "quality_round_robin", "round_robin", "proportional", "top_k")
-FLOOR_POLICIES = ("quality_sample", "quality_round_robin")
 
 
 def main() -> None:

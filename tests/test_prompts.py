@@ -82,6 +82,13 @@ def test_the_floor_policies_keep_the_pools_floor_and_keys_so_the_rule_only_takes
                 ).tolist()
                 == apply_policy("quality_sample", SCORES, labels, 3, seed=seed, rows=rows, **common).tolist()
             )
+    # every floor policy takes the pool's floor less the rows left out (over the kept rows alone, the floor
+    # would be 3 rows and row 7 could be taken)
+    for policy in ("quality_sample", "quality_round_robin", "targeted", "rds"):
+        for seed in range(5):
+            got = apply_policy(policy, SCORES, labels, 2, ranks=rank, seed=seed, quality_floor=0.5, target=near,
+                               rows=kept)  # fmt: skip
+            assert sorted(got.tolist()) == [4, 5], (policy, seed)
     assert apply_policy("top_k", SCORES, one_cluster, 2, seed=3, rows=kept, **common).tolist() == [4, 5]
     # random: the reference of no selection samples the whole pool, whatever the rows
     assert (

@@ -137,8 +137,8 @@ def floor_rows(
 ) -> np.ndarray:
     """Sorted indices of the best ``quality_floor`` share of the pool by score (ties by id): the rows the
     floor policies may take. ``candidates`` (sorted row indices, e.g. ``select.one_answer_per_prompt``'s):
-    only those of them inside the floor, so a rule that narrows the candidates only ever removes rows.
-    Always at least ``budget`` rows (the next best candidates), as many as there are. ``ids``: strings or
+    only those of them inside the floor, so a rule that narrows the candidates removes rows from the floor
+    (the next best candidates fill it back up to ``budget``, as many as there are). ``ids``: strings or
     their ranks."""
     if not 0 < quality_floor <= 1:
         raise ValueError(f"quality_floor must be in (0, 1], got {quality_floor}")
