@@ -181,8 +181,7 @@ def apply_policy(
     ``rows``: sorted candidate rows (``select.one_answer_per_prompt``), the only rows every policy but
     :data:`UNSCORED` may take; None: all. The floor policies keep the pool's floor and seeded keys
     (:func:`floor_rows`), so the candidates only take rows out of what they would select (as a set: the
-    round-robin order may change); the score-only
-    policies rank the candidates as if they were the pool."""
+    round-robin order may change); the score-only policies rank the candidates as if they were the pool."""
     if policy in TARGET_POLICIES and target is None:
         raise ValueError(f"select.policy {policy!r} needs the target similarity (select.target)")
     candidates = None if policy in UNSCORED else rows
